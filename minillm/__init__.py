@@ -1,0 +1,11 @@
+"""minillm: a minimal NumPy GPT on which LLM optimizations are built and measured.
+
+    import minillm as mm
+    model = mm.GPT(mm.GPTConfig.preset("tiny"), seed=0)
+"""
+from . import backend
+from .config import GPTConfig
+from .model import GPT
+
+__version__ = "0.1.0"
+__all__ = ["GPT", "GPTConfig", "backend", "__version__"]

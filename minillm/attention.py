@@ -1,0 +1,89 @@
+"""Causal self-attention, dense, as a forward/backward pair (Vaswani et al. 2017, eq. 1).
+
+    scores = q k^T / sqrt(D)            (B, H, T, S)
+    att    = softmax(scores + causal mask)
+    y      = att v                      (B, H, T, D)
+
+Queries are the *last* T of the S key positions (T == S in training; T < S
+when decoding with a KV cache), so query t may see keys 0 .. S - T + t.
+Axis legend as in ``model.py``.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from .backend import kernel, xp_of
+from .layers import softmax_backward, softmax_forward
+
+
+def causal_mask(T: int, S: int, xp=np):
+    """(T, S) bool, True where query t may attend to key s (s <= S - T + t)."""
+    return xp.arange(S)[None, :] <= (S - T) + xp.arange(T)[:, None]
+
+
+class SDPACache(NamedTuple):
+    q: np.ndarray          # (B, H, T, D)
+    k: np.ndarray          # (B, H, S, D)
+    v: np.ndarray          # (B, H, S, D)
+    att: np.ndarray        # (B, H, T, S) the softmax output; scores are not kept
+
+
+@kernel("attention.sdpa_forward")
+def sdpa_forward(q, k, v):
+    """Causal scaled dot-product attention -> (y (B, H, T, D), cache)."""
+    xp = xp_of(q)
+    T, S, D = q.shape[2], k.shape[2], q.shape[3]
+    scores = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(D))      # (B, H, T, S)
+    scores = xp.where(causal_mask(T, S, xp), scores, -xp.inf).astype(q.dtype)
+    att, _ = softmax_forward(scores)                                  # (B, H, T, S)
+    y = att @ v                                                       # (B, H, T, D)
+    return y, SDPACache(q, k, v, att)
+
+
+@kernel("attention.sdpa_backward")
+def sdpa_backward(dy, cache: SDPACache):
+    """-> (dq, dk, dv); reverse of: scores = q k^T/sqrt(D), att = softmax, y = att v."""
+    q, k, v, att = cache
+    scale = 1.0 / math.sqrt(q.shape[3])
+    datt = dy @ v.transpose(0, 1, 3, 2)                               # (B, H, T, S)
+    dv = att.transpose(0, 1, 3, 2) @ dy                               # (B, H, S, D)
+    dscores = softmax_backward(datt, att) * scale                     # (B, H, T, S) masked entries: att = 0
+    dq = dscores @ k                                                  # (B, H, T, D)
+    dk = dscores.transpose(0, 1, 3, 2) @ q                            # (B, H, S, D)
+    return dq, dk, dv
+
+
+def split_heads(x, n_head: int):
+    """(B, T, C) -> (B, H, T, D)."""
+    B, T, C = x.shape
+    return x.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x):
+    """(B, H, T, D) -> (B, T, C)."""
+    B, H, T, D = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(B, T, H * D)
+
+
+class SelfAttentionCache(NamedTuple):
+    sdpa: SDPACache
+    n_head: int
+
+
+def self_attention_forward(qkv, n_head: int):
+    """qkv (B, T, 3C) from c_attn -> y (B, T, C), before c_proj."""
+    C = qkv.shape[-1] // 3
+    q, k, v = qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]       # 3 x (B, T, C)
+    y, sdpa = sdpa_forward(split_heads(q, n_head), split_heads(k, n_head),
+                           split_heads(v, n_head))                    # (B, H, T, D)
+    return merge_heads(y), SelfAttentionCache(sdpa, n_head)           # (B, T, C)
+
+
+def self_attention_backward(dy, cache: SelfAttentionCache):
+    """dy (B, T, C) -> dqkv (B, T, 3C)."""
+    xp = xp_of(dy)
+    dq, dk, dv = sdpa_backward(split_heads(dy, cache.n_head), cache.sdpa)
+    return xp.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)

@@ -1,0 +1,170 @@
+"""The backend switch: which array library and which kernel table run the model.
+
+One switch, three backends (tinygrad's `device.py` idea, kept small):
+
+- ``numpy`` - the reference. Every kernel is the readable code in ``minillm/``.
+- ``numba`` - same arrays (NumPy), but named hot loops are replaced by
+  ``@njit`` twins from ``backends/numba_backend.py``.
+- ``cupy``  - arrays live on a GPU; the reference code runs unchanged through
+  ``xp = xp_of(x)``, and ``backends/cupy_backend.py`` may add twins.
+
+A reference kernel is declared with ``@kernel("module.fn")``. Calling it looks
+up the current backend's ``KERNELS`` table and runs the twin of that name if
+there is one, else the reference. ``reference("module.fn")`` always returns the
+plain reference (tests compare the two).
+
+Select a backend with ``use("numba")`` (also a context manager) or the
+environment variable ``MINILLM_BACKEND``. Asking for one that cannot run
+raises ``BackendError`` saying why and what is available; nothing falls back
+silently.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from types import ModuleType
+from typing import Callable
+
+import numpy as np
+
+# name -> module path of the backend; modules are imported on first use only.
+_MODULES = {
+    "numpy": "backends.numpy_backend",
+    "numba": "backends.numba_backend",
+    "cupy": "backends.cupy_backend",
+}
+_loaded: dict[str, ModuleType] = {}
+_REFERENCE: dict[str, Callable] = {}     # kernel name -> reference function
+_state = {"current": None}               # the active backend's name
+
+
+class BackendError(RuntimeError):
+    """A backend was asked for that does not exist or cannot run here."""
+
+
+def _probe(name: str) -> tuple[bool, str]:
+    """(ok, reason) for one backend, without raising."""
+    try:
+        module = importlib.import_module(_MODULES[name])
+    except Exception as exc:  # an accelerator that is not installed
+        return False, f"import failed: {type(exc).__name__}: {exc}"
+    ok, reason = module.is_available()
+    return bool(ok), reason
+
+
+def available() -> dict[str, tuple[bool, str]]:
+    """``{name: (ok, reason)}`` for every known backend."""
+    return {name: _probe(name) for name in _MODULES}
+
+
+def _load(name: str) -> ModuleType:
+    if name not in _MODULES:
+        raise BackendError(
+            f"backend={name!r} is unknown; known backends: {sorted(_MODULES)}")
+    if name not in _loaded:
+        ok, reason = _probe(name)
+        if not ok:
+            usable = [n for n, (good, _) in available().items() if good]
+            raise BackendError(
+                f"backend={name!r} cannot run here: {reason}; available: {usable}")
+        _loaded[name] = importlib.import_module(_MODULES[name])
+    return _loaded[name]
+
+
+def _default_name() -> str:
+    return os.environ.get("MINILLM_BACKEND", "numpy").strip().lower() or "numpy"
+
+
+def current() -> str:
+    """Name of the active backend (``MINILLM_BACKEND`` or ``"numpy"`` at start)."""
+    if _state["current"] is None:
+        _load(_default_name())
+        _state["current"] = _default_name()
+    return _state["current"]
+
+
+def current_module() -> ModuleType:
+    """The active backend module (``NAME``, ``xp``, ``KERNELS``, ``is_available``)."""
+    return _load(current())
+
+
+class use:
+    """Switch backend: ``backend.use("numba")`` or ``with backend.use("numba"): ...``.
+
+    As a plain call the switch stays; as a context manager the previous backend
+    comes back on exit.
+    """
+
+    def __init__(self, name: str):
+        if not isinstance(name, str):
+            raise BackendError(f"backend name must be a string, got {name!r}")
+        self._previous = _state["current"]
+        _load(name.strip().lower())
+        _state["current"] = name.strip().lower()
+
+    def __enter__(self) -> "use":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _state["current"] = self._previous
+
+
+def kernel(name: str) -> Callable[[Callable], Callable]:
+    """Register a reference kernel under ``name`` and dispatch through the table.
+
+    The returned function runs ``current_module().KERNELS[name]`` when the active
+    backend has a twin of that name, else the reference itself.
+    """
+    def register(fn: Callable) -> Callable:
+        if name in _REFERENCE and _REFERENCE[name] is not fn:
+            raise ValueError(f"kernel name {name!r} is registered twice")
+        _REFERENCE[name] = fn
+
+        @functools.wraps(fn)
+        def dispatch(*args, **kwargs):
+            twin = current_module().KERNELS.get(name)
+            return (twin or fn)(*args, **kwargs)
+
+        dispatch.kernel_name = name
+        return dispatch
+    return register
+
+
+def reference(name: str) -> Callable:
+    """The reference implementation registered under ``name``."""
+    if name not in _REFERENCE:
+        raise KeyError(f"no reference kernel named {name!r}; known: {sorted(_REFERENCE)}")
+    return _REFERENCE[name]
+
+
+def kernels() -> dict[str, Callable]:
+    """All registered reference kernels ``{name: fn}`` (what backend tests iterate)."""
+    import minillm  # noqa: F401  (importing the package registers every kernel)
+    return dict(_REFERENCE)
+
+
+def twin(backend_name: str, name: str) -> Callable | None:
+    """The accelerated twin of kernel ``name`` in ``backend_name``, or None."""
+    return _load(backend_name).KERNELS.get(name)
+
+
+def xp_of(*arrays):
+    """The array module (numpy or cupy) that owns ``arrays``; numpy for plain data."""
+    for a in arrays:
+        module = type(a).__module__
+        if module.startswith("cupy"):
+            return _load("cupy").xp
+    return np
+
+
+def xp_for(name: str):
+    """The array module of backend ``name`` (numpy for numpy and numba)."""
+    return _load(name).xp
+
+
+def to_numpy(x) -> np.ndarray:
+    """A NumPy copy of ``x`` wherever it lives (no copy if it already is NumPy)."""
+    if type(x).__module__.startswith("cupy"):
+        return x.get()
+    return np.asarray(x)

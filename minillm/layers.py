@@ -1,0 +1,168 @@
+"""Layers as forward/backward pairs of pure functions.
+
+Each ``*_forward`` returns ``(out, cache)``; each ``*_backward`` takes the
+upstream gradient and that cache and returns the gradients of its inputs, in
+the order the forward took them. Every op keeps its input dtype. Axis legend
+(see ``model.py``): B batch, T time, C channels, V vocab; ``...`` any leading axes.
+
+Kernels registered with ``@kernel`` may be replaced by a twin of the same
+name in the active backend (see ``minillm.backend``); the code below is the
+reference those twins are tested against.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from .backend import kernel, xp_of
+
+
+# --- embedding -------------------------------------------------------------
+class EmbeddingCache(NamedTuple):
+    idx: np.ndarray        # (B, T) token ids, kept to scatter the gradient back
+    vocab_size: int
+    block_size: int
+
+
+def embedding_forward(idx, wte, wpe, pos0: int = 0):
+    """x[b, t] = wte[idx[b, t]] + wpe[pos0 + t]   -> (B, T, C)."""
+    T = idx.shape[1]
+    x = wte[idx] + wpe[pos0:pos0 + T]                      # (B, T, C)
+    return x, EmbeddingCache(idx, wte.shape[0], wpe.shape[0])
+
+
+def embedding_backward(dx, cache: EmbeddingCache, pos0: int = 0):
+    """-> (dwte (V, C), dwpe (T_max, C)); rows never looked up get zero."""
+    xp = xp_of(dx)
+    B, T, C = dx.shape
+    dwte = xp.zeros((cache.vocab_size, C), dtype=dx.dtype)
+    # a token id can repeat in the batch: scatter-*add*, not assign
+    xp.add.at(dwte, cache.idx.reshape(-1), dx.reshape(-1, C))
+    dwpe = xp.zeros((cache.block_size, C), dtype=dx.dtype)
+    dwpe[pos0:pos0 + T] = dx.sum(axis=0)                    # (T, C)
+    return dwte, dwpe
+
+
+# --- linear (GPT-2 "Conv1D" layout: w is (in, out), y = x @ w + b) ---------
+class LinearCache(NamedTuple):
+    x: np.ndarray          # (..., Cin) the input, needed for dw
+    w: np.ndarray          # (Cin, Cout) needed for dx
+    has_bias: bool
+
+
+def linear_forward(x, w, b=None):
+    """y = x @ w + b   (..., Cin) -> (..., Cout)."""
+    y = x @ w
+    if b is not None:
+        y += b
+    return y, LinearCache(x, w, b is not None)
+
+
+def linear_backward(dy, cache: LinearCache):
+    """-> (dx (..., Cin), dw (Cin, Cout), db (Cout,) or None)."""
+    x, w, has_bias = cache
+    dx = dy @ w.T                                           # (..., Cin)
+    x2 = x.reshape(-1, x.shape[-1])                         # (N, Cin)
+    dy2 = dy.reshape(-1, dy.shape[-1])                      # (N, Cout)
+    dw = x2.T @ dy2                                         # (Cin, Cout)
+    db = dy2.sum(axis=0) if has_bias else None              # (Cout,)
+    return dx, dw, db
+
+
+# --- layer norm (Ba, Kiros & Hinton 2016) ------------------------------------
+class LayerNormCache(NamedTuple):
+    xhat: np.ndarray       # (..., C) normalised input; x itself is not needed
+    rstd: np.ndarray       # (..., 1) 1 / sqrt(var + eps)
+    w: np.ndarray          # (C,)
+
+
+@kernel("layers.layernorm_forward")
+def layernorm_forward(x, w, b, eps: float = 1e-5):
+    """y = (x - mean) / sqrt(var + eps) * w + b over the last axis."""
+    mean = x.mean(axis=-1, keepdims=True)                   # (..., 1)
+    xc = x - mean                                           # (..., C)
+    var = (xc * xc).mean(axis=-1, keepdims=True)            # (..., 1) biased, as GPT-2
+    rstd = 1.0 / np.sqrt(var + eps)                         # (..., 1)
+    xhat = xc * rstd                                        # (..., C)
+    return xhat * w + b, LayerNormCache(xhat, rstd, w)
+
+
+@kernel("layers.layernorm_backward")
+def layernorm_backward(dy, cache: LayerNormCache):
+    """-> (dx, dw, db). dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w."""
+    xhat, rstd, w = cache
+    C = dy.shape[-1]
+    dw = (dy * xhat).reshape(-1, C).sum(axis=0)             # (C,)
+    db = dy.reshape(-1, C).sum(axis=0)                      # (C,)
+    g = dy * w                                              # (..., C)
+    dx = (g - g.mean(axis=-1, keepdims=True)
+          - xhat * (g * xhat).mean(axis=-1, keepdims=True)) * rstd
+    return dx, dw, db
+
+
+# --- GELU, tanh approximation (Hendrycks & Gimpel 2016, eq. as in GPT-2) -----
+_GELU_S = math.sqrt(2.0 / math.pi)
+_GELU_A = 0.044715
+
+
+@kernel("layers.gelu_forward")
+def gelu_forward(x):
+    """y = 0.5 x (1 + tanh(s (x + a x^3))); cache = x (tanh is recomputed)."""
+    y = 0.5 * x * (1.0 + np.tanh(_GELU_S * (x + _GELU_A * x * x * x)))
+    return y, x
+
+
+@kernel("layers.gelu_backward")
+def gelu_backward(dy, x):
+    """dy * d/dx gelu(x) = dy * (0.5 (1 + t) + 0.5 x (1 - t^2) s (1 + 3 a x^2))."""
+    t = np.tanh(_GELU_S * (x + _GELU_A * x * x * x))
+    dgelu = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_S * (1.0 + 3.0 * _GELU_A * x * x)
+    return dy * dgelu
+
+
+# --- softmax over the last axis ----------------------------------------------
+@kernel("layers.softmax_forward")
+def softmax_forward(x):
+    """y = exp(x - max x) / sum exp(x - max x); -inf entries give exactly 0."""
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    y = e / e.sum(axis=-1, keepdims=True)
+    return y, y
+
+
+@kernel("layers.softmax_backward")
+def softmax_backward(dy, y):
+    """dx = y * (dy - sum(dy * y)) (the Jacobian diag(y) - y y^T applied to dy)."""
+    return y * (dy - (dy * y).sum(axis=-1, keepdims=True))
+
+
+# --- cross-entropy from logits, mean over positions -----------------------
+class CrossEntropyCache(NamedTuple):
+    probs: np.ndarray      # (N, V) softmax of the logits
+    targets: np.ndarray    # (N,) int
+
+
+@kernel("layers.cross_entropy_forward")
+def cross_entropy_forward(logits, targets):
+    """loss = mean_n -log softmax(logits_n)[targets_n]; logits (..., V), targets (...)."""
+    V = logits.shape[-1]
+    z = logits.reshape(-1, V)                               # (N, V)
+    t = targets.reshape(-1)                                 # (N,)
+    z = z - z.max(axis=-1, keepdims=True)
+    logsumexp = np.log(np.exp(z).sum(axis=-1))              # (N,)
+    rows = xp_of(z).arange(z.shape[0])                      # (N,)
+    picked = z[rows, t]                                     # (N,)
+    loss = (logsumexp - picked).mean()
+    probs = np.exp(z - logsumexp[:, None])                  # (N, V)
+    return loss, CrossEntropyCache(probs, t)
+
+
+@kernel("layers.cross_entropy_backward")
+def cross_entropy_backward(dloss, cache: CrossEntropyCache, shape):
+    """dlogits = dloss * (softmax - onehot(target)) / N, reshaped to ``shape``."""
+    probs, t = cache
+    N = probs.shape[0]
+    dz = probs * (dloss / N)                                # (N, V)
+    dz[xp_of(dz).arange(N), t] -= dloss / N
+    return dz.reshape(shape)

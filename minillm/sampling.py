@@ -1,0 +1,89 @@
+"""Choosing the next token from logits, and the generation loop.
+
+- temperature 0: greedy (argmax);
+- temperature t > 0: sample from softmax(logits / t);
+- top-k (Fan et al. 2018): keep the k largest logits;
+- top-p / nucleus (Holtzman et al. 2020): keep the smallest set of most likely
+  ids whose probability mass reaches p.
+
+All randomness comes from an explicit ``np.random.default_rng(seed)``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import to_numpy
+
+
+def check_sampling_args(temperature, top_k, top_p, max_new_tokens=None):
+    """Raise ValueError naming the bad argument."""
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature={temperature!r} must be a number >= 0 (0 is greedy)")
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} must be an int >= 1 or None")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r} must be in (0, 1] or None")
+    if max_new_tokens is not None and (not isinstance(max_new_tokens, (int, np.integer))
+                                       or max_new_tokens < 0):
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 0")
+
+
+def filter_logits(logits: np.ndarray, top_k=None, top_p=None) -> np.ndarray:
+    """logits (B, V) float64 -> same, with ids outside top-k / top-p set to -inf."""
+    logits = logits.copy()
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]   # (B, 1)
+        logits[logits < kth] = -np.inf
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-logits, axis=-1, kind="stable")                # (B, V) most likely first
+        probs = _softmax(np.take_along_axis(logits, order, axis=-1))
+        before = np.cumsum(probs, axis=-1) - probs                         # mass of strictly more likely ids
+        drop_sorted = before >= top_p                                      # the set already reached p
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=-1)
+        logits[drop] = -np.inf
+    return logits
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, rng=None) -> np.ndarray:
+    """logits (B, V) -> next ids (B,) int64."""
+    logits = to_numpy(logits).astype(np.float64)
+    if temperature == 0:
+        return logits.argmax(axis=-1)
+    logits = filter_logits(logits / temperature, top_k, top_p)
+    probs = _softmax(logits)                                               # (B, V)
+    rng = rng if rng is not None else np.random.default_rng()
+    u = rng.random((probs.shape[0], 1))                                    # inverse-CDF sampling
+    ids = (np.cumsum(probs, axis=-1) < u).sum(axis=-1)
+    return np.minimum(ids, probs.shape[-1] - 1)
+
+
+def generate(model, idx, max_new_tokens=50, temperature=1.0, top_k=None, top_p=None,
+             seed=0, use_cache=True, eos_id=None):
+    """See ``GPT.generate``. Without the cache: re-run the whole sequence per token."""
+    check_sampling_args(temperature, top_k, top_p, max_new_tokens)
+    idx = to_numpy(model.check_idx(idx, "idx")).astype(np.int64)
+    if idx.shape[1] + max_new_tokens > model.config.block_size:
+        raise ValueError(f"prompt length {idx.shape[1]} + max_new_tokens={max_new_tokens} "
+                         f"exceeds block_size={model.config.block_size}")
+    if use_cache:
+        from . import kv_cache
+        return kv_cache.generate(model, idx, max_new_tokens, temperature, top_k, top_p,
+                                 seed, eos_id)
+    rng = np.random.default_rng(seed)
+    done = np.zeros(idx.shape[0], dtype=bool)
+    for _ in range(max_new_tokens):
+        logits = model.forward(idx)[:, -1, :]                              # (B, V)
+        nxt = sample_next(logits, temperature, top_k, top_p, rng)
+        if eos_id is not None:
+            nxt = np.where(done, eos_id, nxt)
+            done |= nxt == eos_id
+        idx = np.concatenate([idx, nxt[:, None]], axis=1)                  # (B, T + 1)
+        if eos_id is not None and done.all():
+            break
+    return idx
