@@ -22,8 +22,7 @@ tour: $(VENV)/.core
 	$(VENV)/bin/minillm tour
 
 test: $(VENV)/.test
-	$(PY) -m pytest -n 2 --dist loadgroup -q tests
-	$(PY) -m pytest -n 2 -q --nbmake chapters
+	MPLBACKEND=Agg OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 $(PY) -m pytest -n 2 -q --nbmake tests chapters
 
 lab: $(VENV)/.core
 	$(PIP) install -e ".[notebooks]"

@@ -16,6 +16,8 @@ KERNELS: dict = {}
 # One line per area; a new technique appends its module here.
 _PARTS = (
     "backends.numba_layers",
+    "backends.numba_decode",
+    "backends.numba_bpe",
 )
 
 try:

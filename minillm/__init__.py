@@ -6,6 +6,7 @@
 from . import backend
 from .config import GPTConfig
 from .model import GPT
+from .tokenizer import BPETokenizer
 
 __version__ = "0.1.0"
-__all__ = ["GPT", "GPTConfig", "backend", "__version__"]
+__all__ = ["BPETokenizer", "GPT", "GPTConfig", "backend", "__version__"]

@@ -105,9 +105,19 @@ def atomic_dir(path, write) -> None:
 
 
 # --- model checkpoints ------------------------------------------------------------
-def save(path, model, extra: dict[str, dict] | None = None, meta: dict | None = None) -> None:
-    """Save ``model`` (and optional tensor groups / JSON meta) to directory ``path``."""
-    extra = extra or {}
+def save(path, model, extra: dict[str, dict] | None = None, meta: dict | None = None,
+         files: dict | None = None) -> None:
+    """Save ``model`` (and optional tensor groups / JSON meta) to directory ``path``.
+
+    ``files`` maps a file name to ``write(file_path)``, called inside the
+    temporary directory so that the file (e.g. ``tokenizer.model``) is swapped
+    in atomically with the rest.
+    """
+    extra, files = extra or {}, files or {}
+    for name in files:
+        if Path(name).name != name or name in (MODEL_FILE, CONFIG_FILE, META_FILE):
+            raise ValueError(f"files name {name!r} must be a plain file name other than "
+                             f"{MODEL_FILE}, {CONFIG_FILE}, {META_FILE}")
     for group in extra:
         if not group.isidentifier() or group == "model":
             raise ValueError(f"extra group name {group!r} must be an identifier other than 'model'")
@@ -119,6 +129,8 @@ def save(path, model, extra: dict[str, dict] | None = None, meta: dict | None = 
             write_tensors(tmp / f"{group}.safetensors", tensors)
         if meta is not None:
             write_json(tmp / META_FILE, meta)
+        for name, write_file in files.items():
+            write_file(tmp / name)
 
     atomic_dir(path, write)
 
@@ -158,3 +170,132 @@ def load_meta(path) -> dict | None:
     """The JSON ``meta`` saved beside the model, or None if absent."""
     f = Path(path) / META_FILE
     return read_json(f) if f.exists() else None
+
+
+# --- Hugging Face GPT-2 (GPT2LMHeadModel) directories -------------------------------
+# Same math, same Conv1D (in, out) layout and same names as ours, with a
+# "transformer." prefix; torch and transformers are never imported here.
+HF_PREFIX = "transformer."
+HF_BUFFERS = (".attn.bias", ".attn.masked_bias")     # causal-mask buffers of old checkpoints
+HF_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")    # both are GELU's tanh form, as ours
+_HF_DTYPES = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "BF16": None}
+
+
+def hf_config(obj: dict) -> GPTConfig:
+    """A GPTConfig from a GPT2Config JSON object; anything GPT-2 math here cannot do -> ValueError."""
+    def bad(field, rule):
+        return ValueError(f"HF config {field}={obj.get(field)!r}: {rule}; minillm runs plain GPT-2 only")
+    if obj.get("model_type", "gpt2") != "gpt2":
+        raise bad("model_type", "must be 'gpt2'")
+    arch = obj.get("architectures") or ["GPT2LMHeadModel"]
+    if not set(arch) & {"GPT2LMHeadModel", "GPT2Model"}:
+        raise bad("architectures", "must name GPT2LMHeadModel")
+    if obj.get("activation_function", "gelu_new") not in HF_ACTIVATIONS:
+        raise bad("activation_function", f"must be one of {HF_ACTIVATIONS} (tanh GELU)")
+    for field, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                        ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):
+        if bool(obj.get(field, want)) != want:
+            raise bad(field, f"must be {want}")
+    n_embd = obj.get("n_embd", 768)
+    if obj.get("n_inner") not in (None, 4 * n_embd):
+        raise bad("n_inner", f"must be null or 4 * n_embd = {4 * n_embd}")
+    return GPTConfig(vocab_size=obj.get("vocab_size", 50257), block_size=obj.get("n_positions", 1024),
+                     n_layer=obj.get("n_layer", 12), n_head=obj.get("n_head", 12), n_embd=n_embd,
+                     dtype="float32", ln_eps=float(obj.get("layer_norm_epsilon", 1e-5)))
+
+
+def _read_st_any(path: Path) -> dict[str, np.ndarray]:
+    """Like ``read_tensors`` but also reads bfloat16 (NumPy has no such dtype: widened to float32)."""
+    raw = Path(path).read_bytes() if Path(path).is_file() else b""
+    n = int.from_bytes(raw[:8], "little") if len(raw) >= 8 else 0
+    try:
+        header = json.loads(raw[8:8 + n]) if 0 < n <= len(raw) - 8 else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        header = {}
+    if not any(isinstance(v, dict) and v.get("dtype") == "BF16" for v in header.values()):
+        return read_tensors(path)
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        lo, hi = info["data_offsets"]
+        buf = raw[8 + n + lo:8 + n + hi]
+        if info["dtype"] == "BF16":   # bfloat16 = the high 16 bits of a float32
+            a = (np.frombuffer(buf, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+        elif _HF_DTYPES.get(info["dtype"]) is not None:
+            a = np.frombuffer(buf, dtype=np.dtype(_HF_DTYPES[info["dtype"]]).newbyteorder("<"))
+        else:
+            raise ValueError(f"{str(path)!r}: tensor {name!r} has dtype {info['dtype']}, not a float")
+        out[name] = a.reshape(info["shape"])
+    return out
+
+
+def _hf_tensors(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of an HF directory (one model.safetensors or an index of shards)."""
+    single, index = path / MODEL_FILE, path / (MODEL_FILE + ".index.json")
+    if single.is_file():
+        return _read_st_any(single)
+    if index.is_file():
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        return {k: v for s in shards for k, v in _read_st_any(path / s).items()}
+    has_bin = (path / "pytorch_model.bin").exists()
+    raise ValueError(f"HF directory {str(path)!r} has no {MODEL_FILE}"
+                     + (" (only pytorch_model.bin, a pickle minillm never loads: re-save it with "
+                        "save_pretrained(dir, safe_serialization=True))" if has_bin else ""))
+
+
+def load_hf(path, dtype: str = "float32"):
+    """A ``GPT`` from a Hugging Face GPT2LMHeadModel directory (config.json + model.safetensors).
+
+    Accepts names with or without the "transformer." prefix, drops the
+    attention-mask buffers of old checkpoints, and accepts an "lm_head.weight"
+    only if it equals the tied "wte.weight". float16 / bfloat16 weights are
+    widened to ``dtype`` (float32 by default): every op here then runs in float32.
+    """
+    from .model import GPT, check_params
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"HF path={str(path)!r} is not a directory")
+    config = hf_config(read_json(path / CONFIG_FILE))
+    config = GPTConfig.from_dict({**config.to_dict(), "dtype": dtype})
+    tensors = _hf_tensors(path)
+    params = {}
+    for name, a in tensors.items():
+        name = name[len(HF_PREFIX):] if name.startswith(HF_PREFIX) else name
+        if not name.endswith(HF_BUFFERS):
+            params[name] = a
+    head = params.pop("lm_head.weight", None)
+    if head is not None and (head.shape != params.get("wte.weight", head).shape
+                             or not np.array_equal(head, params.get("wte.weight", head))):
+        raise ValueError(f"{str(path)!r}: lm_head.weight differs from wte.weight; minillm "
+                         f"needs the tied head of GPT-2 (tie_word_embeddings=true)")
+    params = {k: np.ascontiguousarray(v, dtype=config.np_dtype) for k, v in params.items()}
+    try:
+        check_params(params, config)
+    except ValueError as exc:
+        raise ValueError(f"{str(path / MODEL_FILE)!r} does not match its config.json: {exc}") from None
+    return GPT(config, params=params)
+
+
+def hf_config_json(config: GPTConfig) -> dict:
+    """The GPT2Config fields that describe ``config`` (what transformers reads)."""
+    eos = 50256 if config.vocab_size > 50256 else None
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+            "activation_function": "gelu_new", "vocab_size": config.vocab_size,
+            "n_positions": config.block_size, "n_embd": config.n_embd,
+            "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,
+            "layer_norm_epsilon": config.ln_eps, "tie_word_embeddings": True,
+            "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False, "bos_token_id": eos, "eos_token_id": eos,
+            "dtype": config.dtype, "torch_dtype": config.dtype}
+
+
+def save_hf(path, model) -> None:
+    """Write ``model`` as a directory ``GPT2LMHeadModel.from_pretrained`` loads (atomically)."""
+    tensors = {HF_PREFIX + k: v for k, v in model.params.items()}
+
+    def write(tmp: Path):
+        write_tensors(tmp / MODEL_FILE, tensors, {"format": "pt"})
+        write_json(tmp / CONFIG_FILE, hf_config_json(model.config))
+
+    atomic_dir(path, write)

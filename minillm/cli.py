@@ -33,9 +33,328 @@ def run_info(args) -> int:
     return 0
 
 
-# One line per subcommand; a new command adds its add_<name> here.
-COMMANDS = [add_info]
+TRAIN_EXAMPLES = """examples:
+  minillm train --preset tiny --steps 200 --out runs/tiny
+  minillm train --preset small --vocab-size 4096 --steps 2000 --out runs/small
+  minillm train --out runs/small --resume --steps 3000     # continue, same settings
+  minillm train --preset tiny --corpus my.txt --max-chars 200000 --steps 50 --out runs/mine
+"""
 
+
+def add_train(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a GPT on the embedded corpus (or --corpus), with checkpoints and resume",
+        description="Train a byte-level BPE tokenizer on the corpus (vocab 256 = plain bytes), "
+                    "then a GPT of the given preset with AdamW, warmup + cosine LR and gradient "
+                    "clipping. The checkpoint directory --out gets model.safetensors, config.json, "
+                    "optimizer.safetensors, meta.json and tokenizer.model; --resume continues "
+                    "from it exactly (the remaining losses equal those of an uninterrupted run). "
+                    "On --resume the model and tokenizer come from the checkpoint (model and "
+                    "tokenizer options are ignored) and training options left out are taken "
+                    "from it.",
+        epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="checkpoint directory (created or replaced atomically)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--preset", default="tiny", help="model preset: tiny, small, gpt2 (default: tiny)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="BPE vocabulary trained on the corpus; 256 = bytes (default: the preset's)")
+    p.add_argument("--block-size", type=int, default=None, help="override the preset's block_size")
+    p.add_argument("--n-layer", type=int, default=None, help="override the preset's n_layer")
+    p.add_argument("--n-head", type=int, default=None, help="override the preset's n_head")
+    p.add_argument("--n-embd", type=int, default=None, help="override the preset's n_embd")
+    p.add_argument("--corpus", default=None, help="UTF-8 text file (default: the embedded KJV)")
+    p.add_argument("--max-chars", type=int, default=None, help="use only the first N characters")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="last fraction of the ids held out for validation (default: 0.1)")
+    from minillm.train import TrainConfig
+    group = p.add_argument_group("training (minillm.train.TrainConfig; on --resume: the checkpoint's)")
+    for flag, kind, help_text in _TRAIN_FLAGS:
+        default = getattr(TrainConfig, flag.lstrip("-").replace("-", "_"))
+        if default is not None:
+            help_text += f" (default: {default})"
+        group.add_argument(flag, type=kind, default=None, help=help_text)
+    p.add_argument("--seed", type=int, default=None, help="seeds model init and batches (default: 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_train)
+
+
+# flag -> TrainConfig field (dashes become underscores)
+_TRAIN_FLAGS = [
+    ("--steps", int, "optimizer steps in the whole run"),
+    ("--batch-size", int, "sequences per step"),
+    ("--seq-len", int, "tokens per sequence (default: block_size)"),
+    ("--lr", float, "peak learning rate"),
+    ("--min-lr", float, "final learning rate of the cosine (default: lr / 10)"),
+    ("--warmup-steps", int, "linear warmup steps"),
+    ("--weight-decay", float, "AdamW decoupled weight decay (2-D weights only)"),
+    ("--grad-clip", float, "max global gradient norm (0: no clipping)"),
+    ("--eval-interval", int, "evaluate every N steps and at the end (0: only at the end)"),
+    ("--eval-batches", int, "validation batches per evaluation"),
+    ("--checkpoint-interval", int, "save every N steps and at the end (0: only at the end)"),
+]
+
+
+def _train_config(args, saved: dict | None):
+    """TrainConfig from the flags given; the rest from the checkpoint (resume) or defaults."""
+    from minillm.train import TrainConfig
+    given = {f.lstrip("-").replace("-", "_"): getattr(args, f.lstrip("-").replace("-", "_"))
+             for f, _, _ in _TRAIN_FLAGS + [("--seed", int, "")]}
+    given = {k: v for k, v in given.items() if v is not None}
+    base = TrainConfig.from_dict(saved).to_dict() if saved else {}
+    return TrainConfig.from_dict(base | given)
+
+
+def run_train(args) -> int:
+    from pathlib import Path
+
+    import minillm as mm
+    from minillm import checkpoint, data
+    from minillm.tokenizer import BPETokenizer
+    from minillm.train import TOKENIZER_FILE, train
+
+    out = Path(args.out)
+    text = data.load_corpus(args.corpus)
+    if args.max_chars is not None:
+        if args.max_chars < 1:
+            raise ValueError(f"--max-chars={args.max_chars} must be >= 1")
+        text = text[:args.max_chars]
+    if args.resume:
+        meta = checkpoint.load_meta(out) if out.is_dir() else None
+        if meta is None:
+            raise ValueError(f"--resume: {str(out)!r} holds no training checkpoint (meta.json)")
+        model, tok = mm.GPT.load(out), BPETokenizer.load(out / TOKENIZER_FILE)
+        tcfg = _train_config(args, meta.get("train_config"))
+    else:
+        tcfg = _train_config(args, None)
+        overrides = {k: getattr(args, k) for k in ("block_size", "n_layer", "n_head", "n_embd")
+                     if getattr(args, k) is not None}
+        vocab = args.vocab_size or mm.GPTConfig.preset(args.preset).vocab_size
+        print(f"training a BPE tokenizer (vocab {vocab}) on {len(text):,} characters ...")
+        tok = BPETokenizer.train(text, vocab, progress=not args.no_progress)
+        cfg = mm.GPTConfig.preset(args.preset, vocab_size=tok.vocab_size, **overrides)
+        model = mm.GPT(cfg, seed=tcfg.seed)
+    ids = data.encode_corpus(tok, text)
+    train_ids, val_ids = data.split(ids, args.val_fraction)
+    print(f"{model}; {len(train_ids):,} train / {len(val_ids):,} val tokens; {tcfg}")
+    res = train(model, train_ids, val_ids, tcfg, out_dir=out, resume=args.resume,
+                progress=not args.no_progress, tokenizer=tok)
+    _print_train_summary(res, out)
+    return 0
+
+
+def _print_train_summary(res, out) -> None:
+    new = res.history[res.start_step:]
+    if new:
+        print(f"steps {res.start_step + 1}..{new[-1]['step']}: loss {new[0]['loss']:.4f} -> "
+              f"{new[-1]['loss']:.4f}, median {res.tokens_per_s:,.0f} tokens/s, "
+              f"{res.wall_time_s:.1f} s")
+    else:
+        print(f"nothing to do: the checkpoint is already at step {res.start_step}")
+    if res.evals:
+        e = res.evals[-1]
+        print(f"val loss {e['val_loss']:.4f}  val perplexity {e['val_ppl']:.2f}  (step {e['step']})")
+    print(f"checkpoint: {out}")
+
+
+GENERATE_EXAMPLES = """examples:
+  minillm generate --model runs/tiny --prompt "And God said" --max-new-tokens 40
+  minillm generate --model runs/small --temperature 0.8 --top-k 50 --seed 1
+  minillm generate --model runs/small --temperature 0          # greedy
+  minillm generate --hf path/to/gpt2 --prompt "Hello" --top-p 0.9
+"""
+
+
+def add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate", help="continue a prompt with a trained model (minillm or Hugging Face GPT-2)",
+        description="Encode --prompt with the model's tokenizer, sample --max-new-tokens ids "
+                    "(temperature 0 = greedy; top-k / top-p filtering; seeded) and print the "
+                    "prompt with its continuation.",
+        epilog=GENERATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="minillm checkpoint directory (with tokenizer.model)")
+    src.add_argument("--hf", help="Hugging Face GPT-2 directory (config.json, model.safetensors, "
+                                  "vocab.json, merges.txt)")
+    p.add_argument("--prompt", default="In the beginning", help="text to continue (default: %(default)r)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="ids to sample (default: 100, or fewer so the text fits block_size)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely ids")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus: keep the smallest set reaching p")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="re-run the whole prefix per token instead of using the KV cache")
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    import minillm as mm
+    from minillm.tokenizer import BPETokenizer
+    from minillm.train import TOKENIZER_FILE
+
+    if args.model:
+        model, tok = mm.GPT.load(args.model), BPETokenizer.load(Path(args.model) / TOKENIZER_FILE)
+    else:
+        model, tok = mm.GPT.from_hf(args.hf), BPETokenizer.from_hf(args.hf)
+    ids = tok.encode(args.prompt)
+    if not ids:
+        raise ValueError(f"--prompt={args.prompt!r} encodes to no tokens; give some text")
+    idx = np.asarray([ids], dtype=np.int64)                               # (1, T)
+    new = args.max_new_tokens
+    if new is None:
+        new = max(0, min(100, model.config.block_size - idx.shape[1]))
+    out = model.generate(idx, max_new_tokens=new, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                         use_cache=not args.no_cache)                      # (1, T + new)
+    print(tok.decode(out[0].tolist()))
+    return 0
+
+
+
+# One line per subcommand; a new command adds its add_<name> here.
+COMMANDS = [add_info, add_train, add_generate]
+
+
+
+def add_tour(sub) -> None:
+    p = sub.add_parser(
+        "tour", help="train (or reuse) the small model, run every technique, print the trade-off table",
+        description="Train the small GPT on the embedded KJV corpus (or reuse it from the cache), "
+                    "measure the baseline (params, weight bytes, validation perplexity, train and "
+                    "decode tokens/s), run every registered technique and print one trade-off "
+                    "table with ratios to the baseline. Writes report.md, report.json, loss.png "
+                    "and ratios.png to --out. Uses the fastest CPU backend available (numba, else "
+                    "numpy) unless --backend or $MINILLM_BACKEND says otherwise.")
+    p.add_argument("--out", default="runs/tour", help="output directory (default: runs/tour)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where trained baselines are kept (default: $MINILLM_CACHE/tour or "
+                        "~/.cache/minillm/tour); one subdirectory per settings hash")
+    p.add_argument("--no-cache", action="store_true",
+                   help="train from scratch and neither read nor write the cache")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny model and a few steps (seconds; for tests, not for reading numbers)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the tour's setting)")
+    p.add_argument("--seed", type=int, default=0, help="seed for init, batches and sampling (default: 0)")
+    p.add_argument("--techniques", default=None,
+                   help="comma-separated techniques to run (default: all registered); "
+                        "'none' runs only the baseline")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or stage messages")
+    p.set_defaults(func=run_tour_command)
+
+
+def run_tour_command(args) -> int:
+    from minillm import report
+    names = args.techniques
+    if names is not None and names.strip().lower() == "none":
+        names = []
+    flags = [f"--backend {args.backend}"] if args.backend else []
+    flags += ["tour", f"--out {args.out}"] + [f"--{k.replace('_', '-')} {v}" for k, v in (
+        ("cache_dir", args.cache_dir), ("steps", args.steps), ("techniques", args.techniques))
+        if v is not None] + (["--seed", str(args.seed)] if args.seed else []) + [
+        f for f, on in (("--quick", args.quick), ("--no-cache", args.no_cache)) if on]
+    command = "minillm " + " ".join(flags)
+    report.run_tour(out_dir=args.out, cache_dir=args.cache_dir, quick=args.quick, steps=args.steps,
+                    seed=args.seed, techniques=names, progress=not args.no_progress,
+                    use_cache=not args.no_cache, backend_name=args.backend, command=command)
+    return 0
+
+
+COMMANDS.append(add_tour)
+
+
+TOKENIZER_EXAMPLES = """examples:
+  minillm tokenizer train --vocab-size 4096 -o kjv.bpe minillm/data/kjv.txt
+  minillm tokenizer encode -t kjv.bpe input.txt > ids.txt
+  echo "In the beginning" | minillm tokenizer encode -t kjv.bpe
+  minillm tokenizer decode -t kjv.bpe ids.txt
+  minillm tokenizer info -t kjv.bpe --text minillm/data/kjv.txt
+"""
+
+
+def add_tokenizer(sub) -> None:
+    p = sub.add_parser(
+        "tokenizer", help="train / use a byte-level BPE tokenizer (train|encode|decode|info)",
+        description="Byte-level BPE: learn merges on a text, encode text to ids, decode ids "
+                    "to text, or show a tokenizer's size and compression. Input is a file "
+                    "or stdin ('-' or nothing).",
+        epilog=TOKENIZER_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    t = actions.add_parser("train", help="learn merges on a text and save the tokenizer")
+    t.add_argument("input", nargs="?", default="-", help="training text file (default: stdin)")
+    t.add_argument("-o", "--output", required=True, help="tokenizer file to write (+ .vocab listing)")
+    t.add_argument("--vocab-size", type=int, default=4096, help="ids incl. specials (default: 4096)")
+    t.add_argument("--pattern", default="gpt2", help="gpt2 | gpt4 | a regex (default: gpt2)")
+    t.add_argument("--special", action="append", default=[], metavar="TOKEN",
+                   help="a special token, e.g. '<|endoftext|>' (repeatable)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for name, text in (("encode", "text to ids (space-separated) on stdout"),
+                       ("decode", "ids (whitespace-separated) to text on stdout"),
+                       ("info", "vocab size, merges, pattern, specials; compression of --text")):
+        q = actions.add_parser(name, help=text)
+        q.add_argument("-t", "--tokenizer", required=True, help="tokenizer file (from 'train')")
+        if name != "info":
+            q.add_argument("input", nargs="?", default="-", help="input file (default: stdin)")
+        if name == "encode":
+            q.add_argument("--allow-special", action="store_true",
+                           help="encode special-token text as the special id (else: error)")
+        if name == "info":
+            q.add_argument("--text", default=None, help="measure bytes/token on this file")
+    p.set_defaults(func=run_tokenizer)
+
+
+def _read_input(name: str) -> str:
+    if name == "-":
+        return sys.stdin.read()
+    from pathlib import Path
+    path = Path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file {name!r} does not exist")
+    return path.read_text(encoding="utf-8")
+
+
+def run_tokenizer(args) -> int:
+    import time
+
+    from minillm.tokenizer import BPETokenizer
+    if args.action == "train":
+        text = _read_input(args.input)
+        t0 = time.perf_counter()
+        tok = BPETokenizer.train(text, args.vocab_size, pattern=args.pattern,
+                                 special_tokens=args.special or None, progress=not args.no_progress)
+        tok.save(args.output)
+        print(f"{tok!r} trained in {time.perf_counter() - t0:.2f} s -> {args.output} "
+              f"(+ {args.output}.vocab)", file=sys.stderr)
+        return 0
+    tok = BPETokenizer.load(args.tokenizer)
+    if args.action == "encode":
+        ids = tok.encode(_read_input(args.input), allowed_special="all" if args.allow_special else set())
+        print(" ".join(map(str, ids)))
+    elif args.action == "decode":
+        words = _read_input(args.input).split()
+        if not all(w.isdigit() for w in words):
+            bad = next(w for w in words if not w.isdigit())
+            raise ValueError(f"decode input must be whitespace-separated ids >= 0, got {bad[:20]!r}")
+        sys.stdout.write(tok.decode([int(w) for w in words]))
+    else:
+        print(repr(tok))
+        print(f"pattern: {tok.pattern}")
+        print(f"special tokens: {tok.special_tokens or 'none'}")
+        if args.text:
+            text = _read_input(args.text)
+            t0 = time.perf_counter()
+            n = len(tok.encode(text, disallowed_special=()))
+            dt = time.perf_counter() - t0
+            size = len(text.encode("utf-8"))
+            print(f"{args.text}: {size:,} bytes -> {n:,} tokens, {size / max(n, 1):.3f} bytes/token, "
+                  f"encoded in {dt:.3f} s ({size / dt / 1e6:.1f} MB/s)")
+    return 0
+
+
+COMMANDS.append(add_tokenizer)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minillm", description=__doc__.splitlines()[0])

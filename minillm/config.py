@@ -46,6 +46,7 @@ class GPTConfig:
             raise ValueError(f"dtype={self.dtype!r} must be one of {_DTYPES}")
         if not (isinstance(self.ln_eps, (int, float)) and 0 < self.ln_eps < 1):
             raise ValueError(f"ln_eps={self.ln_eps!r} must be a float in (0, 1)")
+        object.__setattr__(self, "ln_eps", float(self.ln_eps))   # np.float64 would promote float32
 
     @property
     def head_size(self) -> int:

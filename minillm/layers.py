@@ -163,6 +163,8 @@ def cross_entropy_backward(dloss, cache: CrossEntropyCache, shape):
     """dlogits = dloss * (softmax - onehot(target)) / N, reshaped to ``shape``."""
     probs, t = cache
     N = probs.shape[0]
-    dz = probs * (dloss / N)                                # (N, V)
-    dz[xp_of(dz).arange(N), t] -= dloss / N
+    xp = xp_of(probs)
+    scale = xp.asarray(dloss / N, dtype=probs.dtype)        # a NumPy-scalar dloss must not promote
+    dz = probs * scale                                      # (N, V)
+    dz[xp.arange(N), t] -= scale
     return dz.reshape(shape)

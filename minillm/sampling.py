@@ -6,7 +6,8 @@
 - top-p / nucleus (Holtzman et al. 2020): keep the smallest set of most likely
   ids whose probability mass reaches p.
 
-All randomness comes from an explicit ``np.random.default_rng(seed)``.
+All randomness comes from explicit generators: one per batch row
+(``row_rngs``), so a row's tokens never depend on the other rows in its batch.
 """
 from __future__ import annotations
 
@@ -50,15 +51,38 @@ def _softmax(z):
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def row_rngs(seed, batch_size: int) -> list:
+    """One generator per row: ``default_rng([seed, b])`` for an int ``seed``;
+    ``default_rng(seed[b])`` for a list of B seeds; fresh entropy for None.
+
+    So row b of a batch seeded ``s`` equals that prompt alone seeded ``[[s, b]]``.
+    """
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != batch_size:
+            raise ValueError(f"seed is a list of {len(seed)} seeds; the batch has {batch_size} rows")
+        return [np.random.default_rng(s) for s in seed]
+    if seed is None:
+        return [np.random.default_rng() for _ in range(batch_size)]
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed={seed!r} must be an int >= 0, a list of per-row seeds, or None")
+    return [np.random.default_rng([int(seed), b]) for b in range(batch_size)]
+
+
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, rng=None) -> np.ndarray:
-    """logits (B, V) -> next ids (B,) int64."""
+    """logits (B, V) -> next ids (B,) int64.
+
+    ``rng``: one Generator for the batch, or a list of B Generators (one draw each).
+    """
     logits = to_numpy(logits).astype(np.float64)
     if temperature == 0:
         return logits.argmax(axis=-1)
     logits = filter_logits(logits / temperature, top_k, top_p)
     probs = _softmax(logits)                                               # (B, V)
     rng = rng if rng is not None else np.random.default_rng()
-    u = rng.random((probs.shape[0], 1))                                    # inverse-CDF sampling
+    if isinstance(rng, (list, tuple)):
+        u = np.array([[r.random()] for r in rng])                          # (B, 1) one draw per row
+    else:
+        u = rng.random((probs.shape[0], 1))                                # inverse-CDF sampling
     ids = (np.cumsum(probs, axis=-1) < u).sum(axis=-1)
     return np.minimum(ids, probs.shape[-1] - 1)
 
@@ -75,7 +99,7 @@ def generate(model, idx, max_new_tokens=50, temperature=1.0, top_k=None, top_p=N
         from . import kv_cache
         return kv_cache.generate(model, idx, max_new_tokens, temperature, top_k, top_p,
                                  seed, eos_id)
-    rng = np.random.default_rng(seed)
+    rng = row_rngs(seed, idx.shape[0])
     done = np.zeros(idx.shape[0], dtype=bool)
     for _ in range(max_new_tokens):
         logits = model.forward(idx)[:, -1, :]                              # (B, V)

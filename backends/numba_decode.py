@@ -1,0 +1,98 @@
+"""Numba twins of minillm.kv_cache kernels: the decode step's small, call-bound parts.
+
+Profiling a decode step of the ``small`` preset (B=1, one token) shows the
+time going to (1) per-call overhead of the ~15 small NumPy ops that split
+heads, scatter K/V into the cache, mask, softmax and merge heads, and (2) the
+LM head ``x @ wte.T`` (4096 x 256), which threaded BLAS handles badly for a
+single row. Each becomes one compiled loop here; the big projections stay in
+BLAS. Single-threaded on purpose: at these sizes thread start-up costs more
+than it saves.
+"""
+import math
+
+import numpy as np
+from numba import njit
+
+KERNELS: dict = {}
+
+
+@njit(cache=True, fastmath=True)
+def _dot(a, b):
+    """a . b in the inputs' dtype (float32 stays float32, so it vectorises)."""
+    acc = a[0] * 0
+    for i in range(a.shape[0]):
+        acc += a[i] * b[i]
+    return acc
+
+
+@njit(cache=True, fastmath=True)
+def _append_attend(qkv, k_cache, v_cache, pos, n_head):
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    D = C // n_head
+    scale = 1.0 / math.sqrt(D)
+    y = np.zeros((B, T, C), dtype=qkv.dtype)
+    for b in range(B):
+        for t in range(T):                       # store this token's K/V in its slot
+            s = pos[b] + t
+            for h in range(n_head):
+                k_cache[b, h, s, :] = qkv[b, t, C + h * D:C + (h + 1) * D]
+                v_cache[b, h, s, :] = qkv[b, t, 2 * C + h * D:2 * C + (h + 1) * D]
+        for t in range(T):
+            n = pos[b] + t + 1                   # keys this query may see
+            p = np.empty(n, dtype=qkv.dtype)
+            for h in range(n_head):
+                q = qkv[b, t, h * D:(h + 1) * D]
+                m = -np.inf
+                for s in range(n):               # scores and their running max
+                    p[s] = _dot(q, k_cache[b, h, s, :]) * scale
+                    m = max(m, p[s])
+                total = 0.0
+                for s in range(n):               # softmax numerators
+                    p[s] = math.exp(p[s] - m)
+                    total += p[s]
+                out = y[b, t, h * D:(h + 1) * D]
+                for s in range(n):               # weighted sum of values, row by row
+                    w = p[s] / total
+                    for d in range(D):
+                        out[d] += w * v_cache[b, h, s, d]
+    return y
+
+
+def append_attend(qkv, k_cache, v_cache, pos, n_head):
+    """Accelerated minillm.kv_cache.append_attend — see it for the math."""
+    return _append_attend(qkv, k_cache, v_cache, np.asarray(pos, dtype=np.int64), int(n_head))
+
+
+@njit(cache=True, fastmath=True)
+def _head(x, ln_w, ln_b, wte, eps):
+    B, C = x.shape
+    V = wte.shape[0]
+    out = np.empty((B, V), dtype=x.dtype)
+    xn = np.empty(C, dtype=x.dtype)
+    for b in range(B):
+        mean = 0.0
+        for c in range(C):
+            mean += x[b, c]
+        mean /= C
+        var = 0.0
+        for c in range(C):
+            var += (x[b, c] - mean) ** 2
+        rstd = 1.0 / math.sqrt(var / C + eps)
+        for c in range(C):
+            xn[c] = (x[b, c] - mean) * rstd * ln_w[c] + ln_b[c]
+        for v in range(V):                       # one contiguous row of wte per logit
+            acc = xn[0] * 0                      # zero in x's dtype (float32 keeps SIMD width)
+            for c in range(C):
+                acc += wte[v, c] * xn[c]
+            out[b, v] = acc
+    return out
+
+
+def head(x, ln_w, ln_b, wte, eps):
+    """Accelerated minillm.kv_cache.head — see it for the math."""
+    return _head(x, ln_w, ln_b, wte, float(eps))
+
+
+KERNELS["kv_cache.append_attend"] = append_attend
+KERNELS["kv_cache.head"] = head

@@ -1,0 +1,368 @@
+"""Numba twins of minillm.layers / minillm.attention kernels.
+
+Each twin takes the reference's arguments and returns the same structure;
+caches are NamedTuples with the reference's field names and order (declared
+here, because ``backends`` never imports ``minillm``), so the model reads them
+by attribute exactly as it reads the reference ones.
+
+Where the time goes and how the twins win (``bench/profile_step.py``):
+- one fused pass per row instead of one NumPy temporary per operator (GELU,
+  LayerNorm, softmax, cross-entropy), both cores via ``prange`` over rows;
+- causal attention: the matrix products stay BLAS (NumPy ``@``); the scale,
+  mask and softmax (and their backward) run fused over the lower triangle.
+- ``exp`` and ``tanh`` stay NumPy's own vectorised ufuncs, applied in place on
+  the buffer the fused passes prepared: Numba without SVML calls scalar libm,
+  which is slower than NumPy's SIMD loops and rounds differently.
+
+Arithmetic runs in the input dtype (constants are passed in that dtype), so a
+float32 twin rounds like the float32 reference and float64 stays float64; sums
+over a row accumulate in float64. Leading axes are flattened: ``(..., C)``
+becomes ``(N, C)`` inside. ``error_model="numpy"`` drops Python's
+division-by-zero check, which would stop LLVM from vectorising the loops.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit, prange
+
+_jit = njit(cache=True, parallel=True, fastmath=False, error_model="numpy")
+# Row sums may be reordered (``reassoc`` only: no change to NaN/inf handling) so
+# they vectorise; they accumulate in float64 anyway.
+_jit_sum = njit(cache=True, parallel=True, fastmath={"reassoc"}, error_model="numpy")
+_GELU_S = math.sqrt(2.0 / math.pi)
+_GELU_A = 0.044715
+_CHUNKS = 16   # row blocks for column sums (fixed, so results do not depend on thread count)
+
+
+class LayerNormCache(NamedTuple):
+    xhat: np.ndarray       # (..., C)
+    rstd: np.ndarray       # (..., 1)
+    w: np.ndarray          # (C,)
+
+
+class CrossEntropyCache(NamedTuple):
+    probs: np.ndarray      # (N, V)
+    targets: np.ndarray    # (N,)
+
+
+class SDPACache(NamedTuple):
+    q: np.ndarray          # (B, H, T, D)
+    k: np.ndarray          # (B, H, S, D)
+    v: np.ndarray          # (B, H, S, D)
+    att: np.ndarray        # (B, H, T, S)
+
+
+def _flat(x, dtype=None):
+    """Any shape -> C-contiguous 1-D view or copy."""
+    return np.ascontiguousarray(x, dtype=dtype).reshape(-1)        # (N,)
+
+
+def _rows(x, dtype=None):
+    """(..., C) -> C-contiguous (N, C) view or copy."""
+    return np.ascontiguousarray(x, dtype=dtype).reshape(-1, x.shape[-1])  # (N, C)
+
+
+def _chunk_bounds(n):
+    """Start/stop of ``_CHUNKS`` near-equal row blocks of ``n`` rows."""
+    edges = np.linspace(0, n, _CHUNKS + 1).astype(np.int64)       # (_CHUNKS + 1,)
+    return edges
+
+
+# --- GELU: u = s (x + a x^3) fused, tanh by NumPy in place, then the rest fused ----
+@_jit
+def _gelu_arg(x, u, s, a):
+    for i in prange(x.shape[0]):
+        xi = x[i]
+        u[i] = s * (xi + a * xi * xi * xi)
+
+
+@_jit
+def _gelu_out(x, t, y, half, one):
+    for i in prange(x.shape[0]):
+        y[i] = half * x[i] * (one + t[i])
+
+
+@_jit
+def _gelu_grad(dy, x, t, dx, half, one, s, three_a):
+    for i in prange(x.shape[0]):
+        xi, ti = x[i], t[i]
+        dx[i] = dy[i] * (half * (one + ti)
+                         + half * xi * (one - ti * ti) * s * (one + three_a * xi * xi))
+
+
+def _gelu_tanh(x1):
+    """t = tanh(s (x + a x^3)) for flat x, in x's dtype."""
+    c = x1.dtype.type
+    t = np.empty_like(x1)
+    _gelu_arg(x1, t, c(_GELU_S), c(_GELU_A))
+    return np.tanh(t, out=t)
+
+
+def gelu_forward(x):
+    """Accelerated minillm.layers.gelu_forward — see it for the math."""
+    x1 = _flat(x)                                                   # (N,)
+    t = _gelu_tanh(x1)
+    c = x1.dtype.type
+    _gelu_out(x1, t, t, c(0.5), c(1.0))                             # y overwrites t
+    return t.reshape(x.shape), x
+
+
+def gelu_backward(dy, x):
+    """Accelerated minillm.layers.gelu_backward — see it for the math."""
+    x1 = _flat(x)                                                   # (N,)
+    t = _gelu_tanh(x1)
+    c = x1.dtype.type
+    _gelu_grad(_flat(dy, x1.dtype), x1, t, t, c(0.5), c(1.0), c(_GELU_S), c(3.0 * _GELU_A))
+    return t.reshape(x.shape)
+
+
+# --- LayerNorm -------------------------------------------------------------------
+@_jit_sum
+def _ln_fwd(x, w, b, eps, y, xhat, rstd):
+    N, C = x.shape
+    for i in prange(N):
+        m = 0.0
+        for c in range(C):
+            m += x[i, c]
+        m /= C
+        v = 0.0
+        for c in range(C):
+            d = x[i, c] - m
+            v += d * d
+        r = 1.0 / math.sqrt(v / C + eps)
+        rstd[i, 0] = r
+        for c in range(C):
+            xhat[i, c] = (x[i, c] - m) * r
+            y[i, c] = xhat[i, c] * w[c] + b[c]
+
+
+@_jit_sum
+def _ln_bwd(dy, xhat, rstd, w, dx, dw_part, db_part, edges):
+    N, C = dy.shape
+    for k in prange(edges.shape[0] - 1):
+        for i in range(edges[k], edges[k + 1]):
+            mg, mgx = 0.0, 0.0
+            for c in range(C):
+                g = dy[i, c] * w[c]
+                mg += g
+                mgx += g * xhat[i, c]
+                dw_part[k, c] += dy[i, c] * xhat[i, c]
+                db_part[k, c] += dy[i, c]
+            mg /= C
+            mgx /= C
+            r = rstd[i, 0]
+            for c in range(C):
+                dx[i, c] = (dy[i, c] * w[c] - mg - xhat[i, c] * mgx) * r
+
+
+def layernorm_forward(x, w, b, eps: float = 1e-5):
+    """Accelerated minillm.layers.layernorm_forward — see it for the math."""
+    x2 = _rows(x)                                                   # (N, C)
+    y, xhat = np.empty_like(x2), np.empty_like(x2)                  # (N, C)
+    rstd = np.empty((x2.shape[0], 1), dtype=x2.dtype)              # (N, 1)
+    _ln_fwd(x2, _flat(w, x2.dtype), _flat(b, x2.dtype), float(eps), y, xhat, rstd)
+    lead = x.shape[:-1]
+    return y.reshape(x.shape), LayerNormCache(xhat.reshape(x.shape), rstd.reshape(lead + (1,)), w)
+
+
+def layernorm_backward(dy, cache):
+    """Accelerated minillm.layers.layernorm_backward — see it for the math."""
+    xhat, rstd, w = cache
+    xh2 = _rows(xhat)                                               # (N, C)
+    N, C = xh2.shape
+    dx = np.empty_like(xh2)                                         # (N, C)
+    dw_part = np.zeros((_CHUNKS, C))                                # float64 partial sums
+    db_part = np.zeros((_CHUNKS, C))
+    _ln_bwd(_rows(dy, xh2.dtype), xh2, _rows(rstd), _flat(w, xh2.dtype), dx,
+            dw_part, db_part, _chunk_bounds(N))
+    dtype = xh2.dtype
+    return dx.reshape(xhat.shape), dw_part.sum(axis=0).astype(dtype), db_part.sum(axis=0).astype(dtype)
+
+
+# --- softmax over the last axis: shift by the row max, NumPy exp, normalise ------
+@_jit
+def _row_shift(x, z):
+    N, C = x.shape
+    for i in prange(N):
+        mx = x[i, 0]
+        for c in range(1, C):
+            if x[i, c] > mx or x[i, c] != x[i, c]:   # NaN propagates like np.max
+                mx = x[i, c]
+        for c in range(C):
+            z[i, c] = x[i, c] - mx
+
+
+@_jit_sum
+def _row_normalize(e):
+    N, C = e.shape
+    for i in prange(N):
+        s = 0.0
+        for c in range(C):
+            s += e[i, c]
+        for c in range(C):
+            e[i, c] = e[i, c] / s
+
+
+@_jit_sum
+def _softmax_bwd(dy, y, dx):
+    N, C = y.shape
+    for i in prange(N):
+        s = 0.0
+        for c in range(C):
+            s += dy[i, c] * y[i, c]
+        for c in range(C):
+            dx[i, c] = y[i, c] * (dy[i, c] - s)
+
+
+def softmax_forward(x):
+    """Accelerated minillm.layers.softmax_forward — see it for the math."""
+    x2 = _rows(x)                                                   # (N, C)
+    e = np.empty_like(x2)
+    _row_shift(x2, e)
+    np.exp(e, out=e)
+    _row_normalize(e)
+    y = e.reshape(x.shape)
+    return y, y
+
+
+def softmax_backward(dy, y):
+    """Accelerated minillm.layers.softmax_backward — see it for the math."""
+    y2 = _rows(y)                                                   # (N, C)
+    dx = np.empty_like(y2)
+    _softmax_bwd(_rows(dy, y2.dtype), y2, dx)
+    return dx.reshape(y.shape)
+
+
+# --- cross-entropy: shift, NumPy exp in place, then sums/loss/normalise fused ------
+@_jit_sum
+def _ce_normalize(e, picked, row_loss):
+    N, V = e.shape
+    for i in prange(N):
+        s = 0.0
+        for c in range(V):
+            s += e[i, c]
+        row_loss[i] = math.log(s) - picked[i]
+        for c in range(V):
+            e[i, c] = e[i, c] / s
+
+
+@_jit
+def _ce_bwd(probs, t, g, dz):
+    N, V = probs.shape
+    for i in prange(N):
+        for c in range(V):
+            dz[i, c] = probs[i, c] * g
+        dz[i, t[i]] -= g
+
+
+def cross_entropy_forward(logits, targets):
+    """Accelerated minillm.layers.cross_entropy_forward — see it for the math."""
+    z = _rows(logits)                                               # (N, V)
+    t = np.ascontiguousarray(targets).reshape(-1)                   # (N,)
+    probs = np.empty_like(z)
+    _row_shift(z, probs)                                            # z - max
+    picked = probs[np.arange(z.shape[0]), t].astype(np.float64)     # (N,)
+    np.exp(probs, out=probs)
+    row_loss = np.empty(z.shape[0])                                 # (N,) float64
+    _ce_normalize(probs, picked, row_loss)
+    return z.dtype.type(row_loss.mean()), CrossEntropyCache(probs, t)
+
+
+def cross_entropy_backward(dloss, cache, shape):
+    """Accelerated minillm.layers.cross_entropy_backward — see it for the math."""
+    probs, t = cache
+    dz = np.empty_like(probs)                                       # (N, V)
+    _ce_bwd(probs, np.ascontiguousarray(t), probs.dtype.type(dloss / probs.shape[0]), dz)
+    return dz.reshape(shape)
+
+
+# --- causal attention: BLAS products, fused masked softmax on the lower triangle ----
+@_jit
+def _causal_shift(sc, scale, offset):
+    """sc (R, T, S): scale, then subtract each row's max over keys s <= offset + t; -inf above."""
+    R, T, S = sc.shape
+    for r in prange(R):
+        for t in range(T):
+            n = min(offset + t + 1, S)
+            mx = sc[r, t, 0] * scale
+            for s in range(n):
+                sc[r, t, s] = sc[r, t, s] * scale
+                if sc[r, t, s] > mx:
+                    mx = sc[r, t, s]
+            for s in range(n):
+                sc[r, t, s] = sc[r, t, s] - mx
+            for s in range(n, S):
+                sc[r, t, s] = -np.inf
+
+
+@_jit_sum
+def _causal_normalize(e, offset):
+    R, T, S = e.shape
+    for r in prange(R):
+        for t in range(T):
+            n = min(offset + t + 1, S)
+            s = 0.0
+            for j in range(n):
+                s += e[r, t, j]
+            for j in range(n):
+                e[r, t, j] = e[r, t, j] / s
+
+
+@_jit_sum
+def _causal_softmax_bwd(datt, att, scale, offset):
+    """In place: datt <- att * (datt - sum(datt * att)) * scale; 0 above the diagonal."""
+    R, T, S = att.shape
+    for r in prange(R):
+        for t in range(T):
+            n = min(offset + t + 1, S)
+            s = 0.0
+            for j in range(n):
+                s += datt[r, t, j] * att[r, t, j]
+            for j in range(n):
+                datt[r, t, j] = att[r, t, j] * (datt[r, t, j] - s) * scale
+            for j in range(n, S):
+                datt[r, t, j] = 0.0
+
+
+def sdpa_forward(q, k, v):
+    """Accelerated minillm.attention.sdpa_forward — see it for the math."""
+    B, H, T, D = q.shape
+    S = k.shape[2]
+    scores = q @ k.transpose(0, 1, 3, 2)                            # (B, H, T, S) BLAS
+    sc = scores.reshape(B * H, T, S)                                # (BH, T, S) view
+    _causal_shift(sc, q.dtype.type(1.0 / math.sqrt(D)), S - T)
+    np.exp(scores, out=scores)                                      # masked: exp(-inf) = 0
+    _causal_normalize(sc, S - T)
+    y = scores @ v                                                  # (B, H, T, D)
+    return y, SDPACache(q, k, v, scores)
+
+
+def sdpa_backward(dy, cache):
+    """Accelerated minillm.attention.sdpa_backward — see it for the math."""
+    q, k, v, att = cache
+    B, H, T, D = q.shape
+    S = k.shape[2]
+    datt = dy @ v.transpose(0, 1, 3, 2)                             # (B, H, T, S)
+    dv = att.transpose(0, 1, 3, 2) @ dy                             # (B, H, S, D)
+    _causal_softmax_bwd(datt.reshape(B * H, T, S), np.ascontiguousarray(att).reshape(B * H, T, S),
+                        q.dtype.type(1.0 / math.sqrt(D)), S - T)
+    dq = datt @ k                                                   # (B, H, T, D)
+    dk = datt.transpose(0, 1, 3, 2) @ q                             # (B, H, S, D)
+    return dq, dk, dv
+
+
+KERNELS = {
+    "layers.gelu_forward": gelu_forward,
+    "layers.gelu_backward": gelu_backward,
+    "layers.layernorm_forward": layernorm_forward,
+    "layers.layernorm_backward": layernorm_backward,
+    "layers.softmax_forward": softmax_forward,
+    "layers.softmax_backward": softmax_backward,
+    "layers.cross_entropy_forward": cross_entropy_forward,
+    "layers.cross_entropy_backward": cross_entropy_backward,
+    "attention.sdpa_forward": sdpa_forward,
+    "attention.sdpa_backward": sdpa_backward,
+}

@@ -1,0 +1,69 @@
+"""Profile one training step (loss_and_grads + AdamW if available) with cProfile.
+
+    .venv/bin/python bench/profile_step.py --preset small --batch-size 8 --backend numpy
+
+Prints the top functions by cumulative and by own time, then the time per
+kernel group (what dominates a step).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+
+import numpy as np
+
+import minillm as mm
+from minillm import backend
+
+
+def make_step(model, idx, targets):
+    """A closure running one full step: loss_and_grads + optimizer update if present."""
+    try:
+        from minillm import optim
+        opt = optim.AdamW(model.params, lr=1e-4)
+    except Exception:  # optim.py not there yet
+        opt = None
+
+    def step():
+        loss, grads = model.loss_and_grads(idx, targets)
+        if opt is not None:
+            opt.step(grads)
+        return loss
+    return step, opt is not None
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--backend", default="numpy")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--top", type=int, default=25)
+    args = ap.parse_args(argv)
+    backend.use(args.backend)
+    cfg = mm.GPTConfig.preset(args.preset)
+    model = mm.GPT(cfg, seed=0)
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, cfg.vocab_size, (args.batch_size, cfg.block_size + 1))
+    x, y = idx[:, :-1], idx[:, 1:]
+    step, has_opt = make_step(model, x, y)
+    step()  # warm-up (numba compile, BLAS buffers)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    wall = (time.perf_counter() - t0) / args.steps
+    print(f"backend={args.backend} preset={args.preset} B={args.batch_size} "
+          f"T={cfg.block_size} optimizer={'AdamW' if has_opt else 'none'}: {wall * 1e3:.1f} ms/step")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(args.steps):
+        step()
+    prof.disable()
+    stats = pstats.Stats(prof)
+    stats.sort_stats("tottime").print_stats(args.top)
+
+
+if __name__ == "__main__":
+    main()
