@@ -29,7 +29,7 @@ def make_step(model, idx, targets):
     def step():
         loss, grads = model.loss_and_grads(idx, targets)
         if opt is not None:
-            opt.step(grads)
+            opt.step(model.params, grads)
         return loss
     return step, opt is not None
 

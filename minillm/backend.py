@@ -139,8 +139,16 @@ def reference(name: str) -> Callable:
 
 
 def kernels() -> dict[str, Callable]:
-    """All registered reference kernels ``{name: fn}`` (what backend tests iterate)."""
-    import minillm  # noqa: F401  (importing the package registers every kernel)
+    """All registered reference kernels ``{name: fn}`` (what backend tests iterate).
+
+    Every ``minillm`` module is imported first: a technique module that the package
+    imports lazily (``kv_cache``, ...) registers its kernels only when imported.
+    """
+    import pkgutil
+
+    import minillm
+    for info in pkgutil.iter_modules(minillm.__path__):
+        importlib.import_module(f"minillm.{info.name}")
     return dict(_REFERENCE)
 
 

@@ -185,7 +185,9 @@ def hf_config(obj: dict) -> GPTConfig:
     """A GPTConfig from a GPT2Config JSON object; anything GPT-2 math here cannot do -> ValueError."""
     def bad(field, rule):
         return ValueError(f"HF config {field}={obj.get(field)!r}: {rule}; minillm runs plain GPT-2 only")
-    if obj.get("model_type", "gpt2") != "gpt2":
+    if obj.get("format") == FORMAT:
+        raise ValueError("config.json is a minillm checkpoint's, not Hugging Face's: use GPT.load")
+    if obj.get("model_type") != "gpt2":
         raise bad("model_type", "must be 'gpt2'")
     arch = obj.get("architectures") or ["GPT2LMHeadModel"]
     if not set(arch) & {"GPT2LMHeadModel", "GPT2Model"}:

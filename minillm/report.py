@@ -567,18 +567,22 @@ def plot_loss(history: list, evals: list) -> bytes:
 
 
 def plot_ratios(rows: list[Row]) -> bytes:
-    """PNG bytes: grouped bars, one group per row, one bar per column's ratio to the baseline."""
-    fig, ax = _figure((8, 0.6 + 0.9 * len(rows)))
+    """PNG bytes: grouped bars from 1.0 (log scale), one group per row, one bar per column."""
+    fig, ax = _figure((8, 0.8 + 0.9 * len(rows)))
     height = 0.8 / len(COLUMNS)
     for j, (key, label) in enumerate(COLUMNS):
-        values = [ratios(r, rows[0])[key] for r in rows]
-        ys = [i + j * height for i in range(len(rows))]
-        ax.barh(ys, [np.nan if v is None else v for v in values], height=height, label=label)
+        values = np.array([ratios(r, rows[0])[key] or np.nan for r in rows], dtype=float)
+        ys = np.arange(len(rows)) + j * height
+        ax.barh(ys, values - 1.0, left=1.0, height=height, label=label)   # a bar from 1 to the ratio
     ax.axvline(1.0, color="k", lw=0.8)
-    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(rows))], [r.technique for r in rows])
+    ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
+    ax.set_yticks(np.arange(len(rows)) + 0.4 - height / 2, [r.technique for r in rows])
     ax.invert_yaxis()
-    ax.set(xlabel="ratio to baseline", title="trade-offs (1.0 = baseline)")
-    ax.legend(fontsize=8, loc="best")
+    ax.set(xlabel="ratio to baseline (log scale)", title="trade-offs (1.0 = baseline)")
+    fig.legend(loc="outside right upper", fontsize=8)
     return _png(fig)
 
 
@@ -599,3 +603,33 @@ def _png(fig) -> bytes:
 
 # --- registered rows ------------------------------------------------------------
 # One short function per technique, below, in the order techniques were added.
+
+
+@technique("tokenizer")
+def tokenizer_row(ctx: TourContext) -> Row:
+    """The tour's BPE tokenizer vs the byte-level baseline (vocab 256, no merges):
+    encode throughput (MB/s, median of 3 on the active backend) and compression
+    (bytes per token) on the corpus; the model is the baseline's, unchanged."""
+    from . import backend
+    from .tokenizer import BPETokenizer
+    text = ctx.text[:200_000] if ctx.quick else ctx.text[:2_000_000]
+    nbytes = len(text.encode("utf-8"))
+
+    def measure(tok):
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            n = len(tok.encode(text, disallowed_special=()))
+            times.append(time.perf_counter() - t0)
+        return nbytes / float(np.median(times)) / 1e6, nbytes / n
+    bpe_mb_s, bpe_bpt = measure(ctx.tokenizer)
+    byte_mb_s, byte_bpt = measure(BPETokenizer([], ctx.tokenizer.pattern))
+    model = ctx.model
+    return Row("tokenizer", model.num_params(), model.nbytes(), None, None, None,
+               f"BPE V={ctx.tokenizer.vocab_size}: {bpe_bpt:.2f} bytes/token vs {byte_bpt:.2f} "
+               f"byte-level ({bpe_bpt / byte_bpt:.2f}x shorter sequences); encode {bpe_mb_s:.1f} MB/s "
+               f"vs {byte_mb_s:.1f} MB/s ({backend.current()})",
+               {"bpe_vocab": ctx.tokenizer.vocab_size, "bpe_bytes_per_token": bpe_bpt,
+                "byte_bytes_per_token": byte_bpt, "bpe_encode_mb_s": bpe_mb_s,
+                "byte_encode_mb_s": byte_mb_s, "measured_bytes": nbytes,
+                "backend": backend.current()})

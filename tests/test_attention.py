@@ -124,7 +124,8 @@ def test_attention_keeps_its_input_dtype(dtype, T, S, rng):
     q, k, v = (rng.standard_normal((2, 2, n, 3)).astype(dtype) for n in (T, S, S))
     y, cache = attn.sdpa_forward(q, k, v)
     outs = {"y": y, "att": cache.att}
-    outs.update(zip(("dq", "dk", "dv"), attn.sdpa_backward(rng.standard_normal(y.shape).astype(dtype), cache)))
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    outs.update(zip(("dq", "dk", "dv"), attn.sdpa_backward(dy, cache)))
     qkv = rng.standard_normal((2, T, 12)).astype(dtype)
     y, cache = attn.self_attention_forward(qkv, 2)
     outs["self_attention y"] = y

@@ -179,7 +179,8 @@ def _all_outputs(rng, dtype):
     for b in (a(4), None):
         y, c = layers.linear_forward(a(2, 3, 6), a(6, 4), b)
         out[f"linear_forward bias={b is not None}"] = [y]
-        out[f"linear_backward bias={b is not None}"] = [g for g in layers.linear_backward(a(2, 3, 4), c) if g is not None]
+        grads = layers.linear_backward(a(2, 3, 4), c)
+        out[f"linear_backward bias={b is not None}"] = [g for g in grads if g is not None]
     y, c = layers.layernorm_forward(a(2, 3, 4), a(4), a(4))
     out["layernorm_forward"] = [y, *c[:2]]
     out["layernorm_backward"] = list(layers.layernorm_backward(a(2, 3, 4), c))

@@ -338,7 +338,7 @@ def test_from_hf_malformed(tmp_path):
     with pytest.raises(ValueError, match="JSON object"):
         mm.BPETokenizer.from_hf(tmp_path)
     (tmp_path / "vocab.json").write_text(json.dumps({u: i for i, u in enumerate(T.bytes_to_unicode().values())}))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\na b\nab\n")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b\n")
     with pytest.raises(ValueError, match=r"merges.txt:2: token 'ab' is not in vocab.json"):
         mm.BPETokenizer.from_hf(tmp_path)
     (tmp_path / "merges.txt").write_text("#version: 0.2\na  b\n")
@@ -352,7 +352,7 @@ def test_cli_train_encode_decode_info(tmp_path, capsys, monkeypatch):
     src = tmp_path / "in.txt"
     src.write_text("In the beginning God created the heaven and the earth. " * 30)
     model = tmp_path / "t.bpe"
-    assert main(["tokenizer", "train", "--vocab-size", "300", "--no-progress",
+    assert main(["tokenizer", "train", "--vocab-size", "280", "--no-progress",
                  "--special", "<|endoftext|>", "-o", str(model), str(src)]) == 0
     capsys.readouterr()
     assert main(["tokenizer", "encode", "-t", str(model), str(src)]) == 0
@@ -371,3 +371,18 @@ def test_cli_train_encode_decode_info(tmp_path, capsys, monkeypatch):
     ids_file.write_text("1 2 x")
     assert main(["tokenizer", "decode", "-t", str(model), str(ids_file)]) == 2
     assert "ids >= 0" in capsys.readouterr().err
+
+
+# --- tour row -------------------------------------------------------------------------
+def test_tour_row(tok, corpus):
+    from types import SimpleNamespace
+
+    from minillm import report
+    model = mm.GPT(mm.GPTConfig.preset("tiny", vocab_size=tok.vocab_size), seed=0)
+    ctx = SimpleNamespace(text=corpus, tokenizer=tok, model=model, quick=True)
+    row = report.TECHNIQUES["tokenizer"](ctx)
+    assert row.technique == "tokenizer" and row.params == model.num_params()
+    assert row.extra["byte_bytes_per_token"] == 1.0            # ASCII corpus: one byte per id
+    n = len(tok.encode(corpus, disallowed_special=()))
+    assert row.extra["bpe_bytes_per_token"] == pytest.approx(len(corpus.encode()) / n)
+    assert row.extra["bpe_encode_mb_s"] > 0
