@@ -28,10 +28,12 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-_jit = njit(cache=True, parallel=True, fastmath=False, error_model="numpy")
+import os
+_PAR = os.environ.get("XPAR", "1") == "1"
+_jit = njit(cache=True, parallel=_PAR, fastmath=False, error_model="numpy")
 # Row sums may be reordered (``reassoc`` only: no change to NaN/inf handling) so
 # they vectorise; they accumulate in float64 anyway.
-_jit_sum = njit(cache=True, parallel=True, fastmath={"reassoc"}, error_model="numpy")
+_jit_sum = njit(cache=True, parallel=_PAR, fastmath={"reassoc"}, error_model="numpy")
 _GELU_S = math.sqrt(2.0 / math.pi)
 _GELU_A = 0.044715
 _CHUNKS = 16   # row blocks for column sums (fixed, so results do not depend on thread count)

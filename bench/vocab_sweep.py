@@ -8,7 +8,8 @@ encode it (bytes/token = how much text one position of the context holds),
 then train the same small GPT (only V differs) for the same wall-clock budget
 and measure validation loss in **bits per byte** (loss per token / ln 2 /
 bytes per token): the only quality number comparable across tokenizers.
-The step count comes from a timed pilot, so each model gets ~``--seconds``.
+Each model trains until ``--seconds`` of wall clock are spent (constant lr
+after warmup, so no schedule depends on a step count) on ``--backend``.
 Writes bench/results/vocab_sweep.json and bench/results/vocab_sweep.png.
 Timings on a shared machine are noisy; the equal-time budget inherits that.
 """
@@ -26,12 +27,13 @@ import numpy as np
 
 import minillm as mm
 from minillm import backend, data
-from minillm.train import TrainConfig, evaluate, train
+from minillm.optim import AdamW
+from minillm.train import TrainConfig, evaluate, train_step
 
 OUT = Path(__file__).parent / "results"
 
 
-def one_vocab(text, vocab, cfg_kw, seconds, batch_size, seed):
+def one_vocab(text, vocab, cfg_kw, seconds, batch_size, seed, model_backend, lr=3e-3):
     with backend.use("numba"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()
@@ -41,19 +43,20 @@ def one_vocab(text, vocab, cfg_kw, seconds, batch_size, seed):
     train_ids, val_ids = data.split(ids)
     bytes_per_token = len(tok.decode_bytes(val_ids.tolist())) / len(val_ids)
     cfg = mm.GPTConfig(vocab_size=tok.vocab_size, **cfg_kw)
-    pilot = mm.GPT(cfg, seed=seed)                                           # time a few steps
-    res = train(pilot, train_ids, None, TrainConfig(steps=4, batch_size=batch_size, seed=seed),
-                progress=False)
-    step_s = float(np.median([1 / (r["tokens_per_s"] / (batch_size * cfg.block_size))
-                              for r in res.history[1:]]))
-    steps = max(10, int(seconds / step_s))
     model = mm.GPT(cfg, seed=seed)
-    tcfg = TrainConfig(steps=steps, batch_size=batch_size, seed=seed, eval_interval=0)
-    res = train(model, train_ids, None, tcfg, progress=False)
-    val = evaluate(model, val_ids, batch_size, cfg.block_size, 20, seed)
+    # constant lr after warmup (min_lr = lr): the step count is not known in advance
+    tcfg = TrainConfig(steps=10**9, batch_size=batch_size, seed=seed, lr=lr, min_lr=lr)
+    opt = AdamW(model.params, lr=lr, betas=tcfg.betas, eps=tcfg.eps, weight_decay=tcfg.weight_decay)
+    steps, t0 = 0, time.perf_counter()
+    with backend.use(model_backend):
+        while time.perf_counter() - t0 < seconds:          # equal wall-clock budget
+            train_step(model, opt, train_ids, tcfg, cfg.block_size, steps)
+            steps += 1
+        train_s = time.perf_counter() - t0
+        val = evaluate(model, val_ids, batch_size, cfg.block_size, 20, seed)
     return dict(vocab=tok.vocab_size, tokenizer_train_s=tok_s, bytes_per_token=bytes_per_token,
                 tokens=int(len(ids)), params=cfg.num_params(), steps=steps,
-                train_s=res.wall_time_s, val_loss_per_token=val,
+                train_s=train_s, val_loss_per_token=val,
                 bits_per_byte=val / math.log(2) / bytes_per_token,
                 context_bytes=cfg.block_size * bytes_per_token)
 
@@ -85,6 +88,7 @@ def main(argv=None):
     ap.add_argument("--seconds", type=float, default=30.0, help="training budget per model")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backend", default="numpy", help="backend that trains the models (default: numpy)")
     args = ap.parse_args(argv)
     text = data.load_corpus()
     cfg_kw = dict(block_size=64, n_layer=2, n_head=4, n_embd=128)
@@ -92,7 +96,7 @@ def main(argv=None):
     print("| vocab | bytes/token | context bytes | params | steps | train s | val bits/byte |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for vocab in [int(v) for v in args.vocabs.split(",")]:
-        r = one_vocab(text, vocab, cfg_kw, args.seconds, args.batch_size, args.seed)
+        r = one_vocab(text, vocab, cfg_kw, args.seconds, args.batch_size, args.seed, args.backend)
         rows.append(r)
         print(f"| {r['vocab']} | {r['bytes_per_token']:.2f} | {r['context_bytes']:.0f} | {r['params']:,} "
               f"| {r['steps']} | {r['train_s']:.1f} | {r['bits_per_byte']:.3f} |", flush=True)

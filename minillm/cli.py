@@ -219,7 +219,6 @@ def run_generate(args) -> int:
 COMMANDS = [add_info, add_train, add_generate]
 
 
-
 def add_tour(sub) -> None:
     p = sub.add_parser(
         "tour", help="train (or reuse) the small model, run every technique, print the trade-off table",
@@ -251,11 +250,13 @@ def run_tour_command(args) -> int:
     names = args.techniques
     if names is not None and names.strip().lower() == "none":
         names = []
-    flags = [f"--backend {args.backend}"] if args.backend else []
-    flags += ["tour", f"--out {args.out}"] + [f"--{k.replace('_', '-')} {v}" for k, v in (
-        ("cache_dir", args.cache_dir), ("steps", args.steps), ("techniques", args.techniques))
-        if v is not None] + (["--seed", str(args.seed)] if args.seed else []) + [
-        f for f, on in (("--quick", args.quick), ("--no-cache", args.no_cache)) if on]
+    # the command line as the report will quote it
+    flags = ([f"--backend {args.backend}"] if args.backend else []) + ["tour", f"--out {args.out}"]
+    for flag, value in (("--cache-dir", args.cache_dir), ("--steps", args.steps),
+                        ("--seed", args.seed or None), ("--techniques", args.techniques)):
+        if value is not None:
+            flags.append(f"{flag} {value}")
+    flags += [f for f, on in (("--quick", args.quick), ("--no-cache", args.no_cache)) if on]
     command = "minillm " + " ".join(flags)
     report.run_tour(out_dir=args.out, cache_dir=args.cache_dir, quick=args.quick, steps=args.steps,
                     seed=args.seed, techniques=names, progress=not args.no_progress,

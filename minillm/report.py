@@ -115,7 +115,6 @@ def val_perplexity(model, val_ids, batch_size, seq_len, n_batches, seed) -> floa
 
 def decode_speed(model, prompt_ids, n_new, use_cache=False, repeats=1, **kwargs) -> float:
     """New tokens / second of greedy generation (one warm-up token first)."""
-    import time
     model.generate(prompt_ids, max_new_tokens=1, temperature=0.0, use_cache=use_cache, **kwargs)
     best = float("inf")
     for _ in range(repeats):
@@ -391,9 +390,10 @@ def _train_config(base: Baseline):
 def baseline_row(ctx: TourContext, base: Baseline) -> Row:
     """The plain model: its size, perplexity, training and (uncached) decode speed."""
     model = ctx.model
+    # median step of the training run; step 1 is left out (first calls, JIT compilation)
     speeds = [h["tokens_per_s"] for h in base.history[1:]] or [base.history[0]["tokens_per_s"]]
     cfg = model.config
-    notes = (f"small GPT-2 (L={cfg.n_layer} H={cfg.n_head} C={cfg.n_embd} T={cfg.block_size}), "
+    notes = (f"GPT-2 (L={cfg.n_layer} H={cfg.n_head} C={cfg.n_embd} T={cfg.block_size}), "
              f"byte-level BPE V={cfg.vocab_size}; decode without KV cache")
     return Row("baseline", model.num_params(), model.nbytes(), ctx.val_ppl(),
                float(np.median(speeds)), ctx.decode_tok_s(use_cache=False), notes,
@@ -437,8 +437,20 @@ def environment(base: Baseline) -> dict:
     ok, reason = backend.available()[name]
     return {"minillm": __version__, "python": platform.python_version(), "numpy": np.__version__,
             "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
-            "processor": platform.processor() or "unknown",
+            "processor": _cpu_name(),
             "backend": f"{name} ({reason})", "train_backend": base.info["backend"]}
+
+
+def _cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    import platform
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 # --- the table -------------------------------------------------------------------------
@@ -633,3 +645,24 @@ def tokenizer_row(ctx: TourContext) -> Row:
                 "byte_bytes_per_token": byte_bpt, "bpe_encode_mb_s": bpe_mb_s,
                 "byte_encode_mb_s": byte_mb_s, "measured_bytes": nbytes,
                 "backend": backend.current()})
+
+
+@technique("kv_cache")
+def kv_cache_row(ctx: TourContext) -> Row:
+    """KV cache: the baseline's weights and math (same perplexity), decoded with a
+    prefill + one-token steps instead of re-running the prefix; decode tokens/s
+    with the cache next to the baseline's without it, and the cache's bytes."""
+    from .kv_cache import KVCache
+    model = ctx.model
+    cached = ctx.decode_tok_s(use_cache=True)
+    plain = ctx.baseline.decode_tok_s if ctx.baseline else ctx.decode_tok_s(use_cache=False)
+    length = ctx.prompt_ids().shape[1] + ctx.decode_tokens
+    cache_bytes = KVCache(model.config, 1, min(length, model.config.block_size)).nbytes
+    ppl = ctx.baseline.val_ppl if ctx.baseline else ctx.val_ppl()
+    return Row("kv_cache", model.num_params(), model.nbytes(), ppl, None, cached,
+               f"greedy decode of {ctx.decode_tokens} tokens: {cached:.0f} tok/s cached vs "
+               f"{plain:.0f} uncached ({cached / plain:.1f}x); cache {cache_bytes / 1e6:.2f} MB "
+               f"(2*L*B*H*S*D*{model.config.np_dtype.itemsize}, B=1, S={length}); "
+               f"perplexity unchanged (same weights and math)",
+               {"cache_bytes": cache_bytes, "cache_len": length, "uncached_tok_s": plain,
+                "cached_over_uncached": cached / plain, "backend": backend.current()})

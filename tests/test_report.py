@@ -193,3 +193,14 @@ def test_cli_tour_quick_and_bad_args(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["tour", "--help"])
     assert "--cache-dir" in capsys.readouterr().out
+
+
+def test_backend_choice(monkeypatch):
+    monkeypatch.delenv("MINILLM_BACKEND", raising=False)
+    assert report.pick_backend("numpy", quick=False) == "numpy"
+    from minillm import backend
+    assert report.pick_backend(None, quick=True) == backend.current()
+    numba_ok = backend.available()["numba"][0]
+    assert report.pick_backend(None, quick=False) == ("numba" if numba_ok else "numpy")
+    monkeypatch.setenv("MINILLM_BACKEND", "numpy")
+    assert report.pick_backend(None, quick=False) == "numpy"

@@ -97,6 +97,12 @@ def _sdpa_bwd(rng, dtype):
     return _normal(rng, y.shape, dtype), cache
 
 
+def _kv_head(rng, dtype):   # kv_cache.append_attend writes its cache in place: tested in test_kv_cache.py
+    B, C, V = int(rng.integers(1, 4)), int(rng.integers(2, 40)), int(rng.integers(1, 60))
+    return (_normal(rng, (B, C), dtype, 3.0), _normal(rng, C, dtype), _normal(rng, C, dtype),
+            _normal(rng, (V, C), dtype), 1e-5)
+
+
 MAKERS = {
     "layers.layernorm_forward": _ln_fwd,
     "layers.layernorm_backward": _ln_bwd,
@@ -108,6 +114,7 @@ MAKERS = {
     "layers.cross_entropy_backward": _ce_bwd,
     "attention.sdpa_forward": _sdpa_fwd,
     "attention.sdpa_backward": _sdpa_bwd,
+    "kv_cache.head": _kv_head,
 }
 
 
