@@ -7,9 +7,12 @@ by attribute exactly as it reads the reference ones.
 
 Where the time goes and how the twins win (``bench/profile_step.py``):
 - one fused pass per row instead of one NumPy temporary per operator (GELU,
-  LayerNorm, softmax, cross-entropy), both cores via ``prange`` over rows;
-- causal attention: the matrix products stay BLAS (NumPy ``@``); the scale,
-  mask and softmax (and their backward) run fused over the lower triangle.
+  LayerNorm, softmax, cross-entropy); loops are ``prange`` over rows, serial
+  unless ``PARALLEL`` (see there);
+- causal attention: the matrix products stay BLAS (NumPy ``@``) but skip the
+  blocks wholly above the diagonal (64-row query/key blocks: ~40% fewer flops
+  at T=256); the scale, mask and softmax (and their backward) run fused over
+  the lower triangle only.
 - ``exp`` and ``tanh`` stay NumPy's own vectorised ufuncs, applied in place on
   the buffer the fused passes prepared: Numba without SVML calls scalar libm,
   which is slower than NumPy's SIMD loops and rounds differently.
@@ -28,15 +31,20 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-import os
-_PAR = os.environ.get("XPAR", "1") == "1"
-_jit = njit(cache=True, parallel=_PAR, fastmath=False, error_model="numpy")
+# Serial by default: OpenBLAS keeps its threads spinning for a while after each
+# product, and a Numba pool (OpenMP layer here) started right after competes
+# with them for the 2 cores; on the shared machine the parallel variant was
+# erratic (tiny: slower, small: inconclusive). The twins gain by fusing passes;
+# the cores go to BLAS. Flip to True to compare on a quiet machine (editing
+# this file invalidates Numba's on-disk cache, so no stale code runs).
+PARALLEL = False
+_jit = njit(cache=True, parallel=PARALLEL, fastmath=False, error_model="numpy")
 # Row sums may be reordered (``reassoc`` only: no change to NaN/inf handling) so
 # they vectorise; they accumulate in float64 anyway.
-_jit_sum = njit(cache=True, parallel=_PAR, fastmath={"reassoc"}, error_model="numpy")
+_jit_sum = njit(cache=True, parallel=PARALLEL, fastmath={"reassoc"}, error_model="numpy")
 _GELU_S = math.sqrt(2.0 / math.pi)
 _GELU_A = 0.044715
-_CHUNKS = 16   # row blocks for column sums (fixed, so results do not depend on thread count)
+_CHUNKS = 16   # row blocks for column sums when PARALLEL (fixed: results do not depend on threads)
 
 
 class LayerNormCache(NamedTuple):
@@ -67,10 +75,9 @@ def _rows(x, dtype=None):
     return np.ascontiguousarray(x, dtype=dtype).reshape(-1, x.shape[-1])  # (N, C)
 
 
-def _chunk_bounds(n):
-    """Start/stop of ``_CHUNKS`` near-equal row blocks of ``n`` rows."""
-    edges = np.linspace(0, n, _CHUNKS + 1).astype(np.int64)       # (_CHUNKS + 1,)
-    return edges
+def _chunk_bounds(n, chunks):
+    """Edges of ``chunks`` near-equal blocks of ``n`` rows -> (chunks + 1,) int64."""
+    return np.linspace(0, n, chunks + 1).astype(np.int64)
 
 
 # --- GELU: u = s (x + a x^3) fused, tanh by NumPy in place, then the rest fused ----
@@ -176,25 +183,20 @@ def layernorm_backward(dy, cache):
     xh2 = _rows(xhat)                                               # (N, C)
     N, C = xh2.shape
     dx = np.empty_like(xh2)                                         # (N, C)
-    dw_part = np.zeros((_CHUNKS, C))                                # float64 partial sums
-    db_part = np.zeros((_CHUNKS, C))
+    # column sums in the input dtype, row after row, as NumPy's sum(axis=0) does;
+    # in parallel each row block keeps its own partial sums
+    chunks = _CHUNKS if PARALLEL else 1
+    dw_part = np.zeros((chunks, C), dtype=xh2.dtype)               # (chunks, C)
+    db_part = np.zeros((chunks, C), dtype=xh2.dtype)
     _ln_bwd(_rows(dy, xh2.dtype), xh2, _rows(rstd), _flat(w, xh2.dtype), dx,
-            dw_part, db_part, _chunk_bounds(N))
-    dtype = xh2.dtype
-    return dx.reshape(xhat.shape), dw_part.sum(axis=0).astype(dtype), db_part.sum(axis=0).astype(dtype)
+            dw_part, db_part, _chunk_bounds(N, chunks))
+    return dx.reshape(xhat.shape), dw_part.sum(axis=0), db_part.sum(axis=0)
 
 
 # --- softmax over the last axis: shift by the row max, NumPy exp, normalise ------
-@_jit
-def _row_shift(x, z):
-    N, C = x.shape
-    for i in prange(N):
-        mx = x[i, 0]
-        for c in range(1, C):
-            if x[i, c] > mx or x[i, c] != x[i, c]:   # NaN propagates like np.max
-                mx = x[i, c]
-        for c in range(C):
-            z[i, c] = x[i, c] - mx
+def _row_shift(x2, out):
+    """out = x - max(x) per row (NumPy's vectorised max; NaN propagates as in the reference)."""
+    np.subtract(x2, x2.max(axis=-1, keepdims=True), out=out)
 
 
 @_jit_sum
@@ -302,6 +304,7 @@ def _causal_shift(sc, scale, offset):
 
 @_jit_sum
 def _causal_normalize(e, offset):
+    """e (R, T, S): divide each row's kept entries by their sum; 0 above the diagonal."""
     R, T, S = e.shape
     for r in prange(R):
         for t in range(T):
@@ -311,6 +314,8 @@ def _causal_normalize(e, offset):
                 s += e[r, t, j]
             for j in range(n):
                 e[r, t, j] = e[r, t, j] / s
+            for j in range(n, S):
+                e[r, t, j] = 0.0
 
 
 @_jit_sum
@@ -329,17 +334,33 @@ def _causal_softmax_bwd(datt, att, scale, offset):
                 datt[r, t, j] = 0.0
 
 
+_BLOCK = 64   # query/key block: products skip blocks wholly above the diagonal
+
+
+def _blocks(n):
+    """[(start, stop), ...] covering range(n) in steps of ``_BLOCK``."""
+    return [(a, min(a + _BLOCK, n)) for a in range(0, n, _BLOCK)]
+
+
 def sdpa_forward(q, k, v):
     """Accelerated minillm.attention.sdpa_forward — see it for the math."""
     B, H, T, D = q.shape
     S = k.shape[2]
-    scores = q @ k.transpose(0, 1, 3, 2)                            # (B, H, T, S) BLAS
-    sc = scores.reshape(B * H, T, S)                                # (BH, T, S) view
-    _causal_shift(sc, q.dtype.type(1.0 / math.sqrt(D)), S - T)
-    np.exp(scores, out=scores)                                      # masked: exp(-inf) = 0
-    _causal_normalize(sc, S - T)
-    y = scores @ v                                                  # (B, H, T, D)
-    return y, SDPACache(q, k, v, scores)
+    off = S - T                                                     # query t sees keys <= off + t
+    att = np.empty((B, H, T, S), dtype=q.dtype)                     # (B, H, T, S)
+    kT = k.transpose(0, 1, 3, 2)                                    # (B, H, D, S)
+    for t0, t1 in _blocks(T):                                       # scores: lower blocks only
+        att[:, :, t0:t1, :off + t1] = q[:, :, t0:t1] @ kT[..., :off + t1]
+    sc = att.reshape(B * H, T, S)                                   # (BH, T, S) view
+    _causal_shift(sc, q.dtype.type(1.0 / math.sqrt(D)), off)       # scale, - row max, -inf above
+    for t0, t1 in _blocks(T):
+        blk = att[:, :, t0:t1, :off + t1]
+        np.exp(blk, out=blk)
+    _causal_normalize(sc, off)
+    y = np.empty((B, H, T, D), dtype=q.dtype)                       # (B, H, T, D)
+    for t0, t1 in _blocks(T):
+        y[:, :, t0:t1] = att[:, :, t0:t1, :off + t1] @ v[:, :, :off + t1]
+    return y, SDPACache(q, k, v, att)
 
 
 def sdpa_backward(dy, cache):
@@ -347,12 +368,23 @@ def sdpa_backward(dy, cache):
     q, k, v, att = cache
     B, H, T, D = q.shape
     S = k.shape[2]
-    datt = dy @ v.transpose(0, 1, 3, 2)                             # (B, H, T, S)
-    dv = att.transpose(0, 1, 3, 2) @ dy                             # (B, H, S, D)
-    _causal_softmax_bwd(datt.reshape(B * H, T, S), np.ascontiguousarray(att).reshape(B * H, T, S),
-                        q.dtype.type(1.0 / math.sqrt(D)), S - T)
-    dq = datt @ k                                                   # (B, H, T, D)
-    dk = datt.transpose(0, 1, 3, 2) @ q                             # (B, H, S, D)
+    off = S - T
+    att = np.ascontiguousarray(att)
+    ds = np.empty((B, H, T, S), dtype=q.dtype)                      # datt, then dscores in place
+    vT = v.transpose(0, 1, 3, 2)                                    # (B, H, D, S)
+    for t0, t1 in _blocks(T):
+        ds[:, :, t0:t1, :off + t1] = dy[:, :, t0:t1] @ vT[..., :off + t1]
+    _causal_softmax_bwd(ds.reshape(B * H, T, S), att.reshape(B * H, T, S),
+                        q.dtype.type(1.0 / math.sqrt(D)), off)
+    dq = np.empty((B, H, T, D), dtype=q.dtype)                      # (B, H, T, D)
+    for t0, t1 in _blocks(T):
+        dq[:, :, t0:t1] = ds[:, :, t0:t1, :off + t1] @ k[:, :, :off + t1]
+    dk = np.empty((B, H, S, D), dtype=q.dtype)                      # (B, H, S, D)
+    dv = np.empty((B, H, S, D), dtype=q.dtype)
+    for s0, s1 in _blocks(S):                                       # key block: queries t >= s0 - off
+        t0 = max(s0 - off, 0)
+        dv[:, :, s0:s1] = att[:, :, t0:, s0:s1].transpose(0, 1, 3, 2) @ dy[:, :, t0:]
+        dk[:, :, s0:s1] = ds[:, :, t0:, s0:s1].transpose(0, 1, 3, 2) @ q[:, :, t0:]
     return dq, dk, dv
 
 
