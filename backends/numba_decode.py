@@ -1,12 +1,14 @@
 """Numba twins of minillm.kv_cache kernels: the decode step's small, call-bound parts.
 
-Profiling a decode step of the ``small`` preset (B=1, one token) shows the
-time going to (1) per-call overhead of the ~15 small NumPy ops that split
-heads, scatter K/V into the cache, mask, softmax and merge heads, and (2) the
-LM head ``x @ wte.T`` (4096 x 256), which threaded BLAS handles badly for a
-single row. Each becomes one compiled loop here; the big projections stay in
-BLAS. Single-threaded on purpose: at these sizes thread start-up costs more
-than it saves.
+Profiling a decode step of the ``small`` preset (B=1, one token; cProfile)
+shows, besides the projections, (1) the ~15 small NumPy ops per block that
+split heads, scatter K/V into the cache, mask, softmax and merge heads, each
+costing more in call overhead than in arithmetic, and (2) the LM head
+(4096 x 256), which threaded BLAS handles erratically for one row. Each
+becomes one compiled single-threaded loop here (threads cost more than they
+save at these sizes). What remains is the four projections per block: BLAS
+matrix-vector products that stream every weight once per token, i.e. bound
+by memory bandwidth (``bench/bench_kv_cache.py`` reports how close).
 """
 import math
 
@@ -61,7 +63,10 @@ def _append_attend(qkv, k_cache, v_cache, pos, n_head):
 
 def append_attend(qkv, k_cache, v_cache, pos, n_head):
     """Accelerated minillm.kv_cache.append_attend — see it for the math."""
-    return _append_attend(qkv, k_cache, v_cache, np.asarray(pos, dtype=np.int64), int(n_head))
+    pos = np.asarray(pos, dtype=np.int64)
+    if pos.min() < 0 or pos.max() + qkv.shape[1] > k_cache.shape[2]:   # compiled code has no bounds checks
+        raise IndexError(f"slots {pos.tolist()} + T={qkv.shape[1]} outside a cache of {k_cache.shape[2]}")
+    return _append_attend(qkv, k_cache, v_cache, pos, int(n_head))
 
 
 @njit(cache=True, fastmath=True)

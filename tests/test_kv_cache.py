@@ -170,6 +170,8 @@ def test_max_new_tokens_zero_returns_the_prompt():
     (lambda m: m.generate(np.zeros((1, 3), int), 2, seed=-3), "seed"),
     (lambda m: kv_cache.generate(m, np.zeros((2, 3), int), 2, lengths=[3, 0]), "lengths"),
     (lambda m: kv_cache.generate(m, np.zeros((2, 3), int), 2, lengths=[3, 4]), "lengths"),
+    (lambda m: kv_cache.generate(m, np.zeros((2, 3), int), 2, lengths=[3]), "lengths"),
+    (lambda m: kv_cache.generate(m, np.zeros((1, 60), int), 5), "exceeds block_size"),
     (lambda m: KVCache(m.config, 1, 65), "max_len"),
     (lambda m: KVCache(m.config, 0, 8), "batch_size"),
     (lambda m: kv_cache.prefill(m, KVCache(m.config, 1, 2), np.zeros((1, 3), int)), "cache holds"),
@@ -186,6 +188,10 @@ def test_decode_step_on_a_full_cache_raises():
     kv_cache.prefill(model, cache, np.array([[1, 2, 3]]))
     with pytest.raises(ValueError, match="cache is full"):
         kv_cache.decode_step(model, cache, np.array([4]))
+    cache.reset()                                # rows forgotten, memory kept
+    assert (cache.lengths == 0).all() and cache.k.shape[3] == 3
+    ref = model.forward(np.array([[7]]))[:, -1]
+    assert_close("logits after reset", kv_cache.decode_step(model, cache, np.array([7])), ref)
     with pytest.raises(ValueError, match="rows"):
         kv_cache.decode_step(model, KVCache.for_model(model, 2, 4), np.array([4]))
 
@@ -241,3 +247,14 @@ def test_generation_under_numba_equals_numpy():
     for b in range(len(prompts)):
         np.testing.assert_array_equal(got[b], ref[b])
     np.testing.assert_array_equal(greedy, model.generate(np.array([[1, 2, 3]]), 20, temperature=0))
+
+
+@needs_numba
+def test_numba_append_attend_refuses_slots_outside_the_cache():
+    # compiled loops have no bounds checks: the wrapper must refuse before writing
+    qkv = np.zeros((1, 2, 12), np.float32)
+    k, v = np.zeros((2, 1, 2, 3, 2), np.float32)
+    twin = backend.twin("numba", "kv_cache.append_attend")
+    for pos in ([2], [-1]):
+        with pytest.raises(IndexError, match="outside"):
+            twin(qkv, k, v, np.array(pos), 2)
