@@ -1,6 +1,8 @@
 """Decode speed with and without the KV cache: minillm (numpy, numba) vs transformers.
 
-    .venv/bin/python bench/bench_kv_cache.py                 # full run (minutes)
+    .venv/bin/python bench/bench_kv_cache.py                 # full run (> 10 min on 2 cores,
+                                                              # mostly the uncached 1024 runs)
+    .venv/bin/python bench/bench_kv_cache.py --max-uncached 512   # ~10 min under load
     .venv/bin/python bench/bench_kv_cache.py --quick         # 64/128 new tokens, 1 repeat
 
 Model: the ``small`` preset's shape (L=6 H=8 C=256 V=4096) with block_size
