@@ -35,6 +35,7 @@ from . import attention as attn
 from . import layers
 from . import sampling
 from .backend import kernel, to_numpy, xp_of
+from .model import block_forward
 
 
 class KVCache:
@@ -125,20 +126,14 @@ def append_attend(qkv, k_cache, v_cache, pos, n_head: int):
 def block_step(x, p: dict, i: int, config, cache: KVCache, pos):
     """Block ``i`` over T new tokens per row at positions pos[b] + t: x (B, T, C) -> (B, T, C).
 
-    Same math as ``model.block_forward``; the attention reads and extends layer
-    i of the cache instead of seeing only this call's tokens.
+    ``model.block_forward`` itself, with its attention step swapped for one that
+    reads and extends layer i of the cache instead of seeing only this call's tokens.
     """
-    h, eps = f"h.{i}.", config.ln_eps
-    a, _ = layers.layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"], eps)
-    qkv, _ = layers.linear_forward(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])  # (B, T, 3C)
-    a = append_attend(qkv, cache.k[i], cache.v[i], pos, config.n_head)  # (B, T, C)
-    a, _ = layers.linear_forward(a, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
-    x = x + a                                                          # residual 1
-    m, _ = layers.layernorm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"], eps)
-    m, _ = layers.linear_forward(m, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])  # (B, T, 4C)
-    m, _ = layers.gelu_forward(m)                                      # (B, T, 4C)
-    m, _ = layers.linear_forward(m, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])
-    return x + m                                                       # residual 2
+    def attend_cached(qkv, n_head):
+        return append_attend(qkv, cache.k[i], cache.v[i], pos, n_head), None   # (B, T, C)
+
+    x, _ = block_forward(x, p, i, config, attention=attend_cached)
+    return x
 
 
 @kernel("kv_cache.head")

@@ -85,12 +85,18 @@ class BlockCache(NamedTuple):
     mlp_proj: layers.LinearCache
 
 
-def block_forward(x, p: dict, i: int, config: GPTConfig):
-    """One transformer block: x (B, T, C) -> (B, T, C)."""
+def block_forward(x, p: dict, i: int, config: GPTConfig,
+                  attention=attn.self_attention_forward):
+    """One transformer block: x (B, T, C) -> (B, T, C).
+
+    ``attention(qkv (B, T, 3C), n_head) -> (y (B, T, C), cache)`` is the one step a
+    technique may swap in (the KV cache's attention over its stored keys, later
+    sparse or linear attention); everything else in the block stays as it is.
+    """
     h, eps = f"h.{i}.", config.ln_eps
     a, ln_1 = layers.layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"], eps)
     qkv, c_attn = layers.linear_forward(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])  # (B, T, 3C)
-    a, at = attn.self_attention_forward(qkv, config.n_head)                          # (B, T, C)
+    a, at = attention(qkv, config.n_head)                                            # (B, T, C)
     a, attn_proj = layers.linear_forward(a, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
     x = x + a                                                                       # residual 1
     m, ln_2 = layers.layernorm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"], eps)
