@@ -184,7 +184,7 @@ def tour_settings(quick: bool = False, steps: int | None = None, seed: int = 0) 
     return TourSettings(model, train)
 
 
-DEFAULT_STEPS = 120
+DEFAULT_STEPS = 200
 DEFAULT_LR = 3e-3
 
 
@@ -585,9 +585,16 @@ def plot_ratios(rows: list[Row]) -> bytes:
     for j, (key, label) in enumerate(COLUMNS):
         values = np.array([ratios(r, rows[0])[key] or np.nan for r in rows], dtype=float)
         ys = np.arange(len(rows)) + j * height
-        ax.barh(ys, values - 1.0, left=1.0, height=height, label=label)   # a bar from 1 to the ratio
+        bars = ax.barh(ys, values - 1.0, left=1.0, height=height, label=label)   # from 1 to the ratio
+        ax.scatter(values, ys, s=12, color=bars.patches[0].get_facecolor() if bars.patches else None)
+        for y, v in zip(ys, values):   # a ratio of exactly 1 has no bar: its label still shows
+            if np.isfinite(v):
+                ax.annotate(f"{v:.2f}x", (v, y), xytext=(4, 0), textcoords="offset points",
+                            va="center", fontsize=7)
     ax.axvline(1.0, color="k", lw=0.8)
     ax.set_xscale("log")
+    finite = [r for r in (ratios(row, rows[0])[k] for row in rows for k, _ in COLUMNS) if r]
+    ax.set_xlim(min([0.5] + [r / 1.5 for r in finite]), max([2.0] + [r * 1.6 for r in finite]))
     from matplotlib.ticker import FuncFormatter
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
