@@ -76,6 +76,11 @@ def plot(rows, path):
                        textcoords="offset points", xytext=(4, 4))
     ax[1].set(xscale="log", xlabel="vocab size", ylabel="val bits per byte (lower is better)",
               title="quality at equal training time")
+    from matplotlib.ticker import NullFormatter
+    for a in ax:   # log2 axis labelled with the measured vocab sizes only
+        a.set_xscale("log", base=2)
+        a.set_xticks(v, [str(x) for x in v])
+        a.xaxis.set_minor_formatter(NullFormatter())
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
