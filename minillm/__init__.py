@@ -3,10 +3,10 @@
     import minillm as mm
     model = mm.GPT(mm.GPTConfig.preset("tiny"), seed=0)
 """
-from . import backend
+from . import backend, data
 from .config import GPTConfig
 from .model import GPT
 from .tokenizer import BPETokenizer
 
 __version__ = "0.1.0"
-__all__ = ["BPETokenizer", "GPT", "GPTConfig", "backend", "__version__"]
+__all__ = ["BPETokenizer", "GPT", "GPTConfig", "backend", "data", "__version__"]

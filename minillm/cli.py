@@ -1,4 +1,4 @@
-"""The ``minillm`` command: ``minillm {info,train,generate,tour,tokenizer} --help``.
+"""minillm: train, sample and measure a NumPy GPT (`minillm COMMAND --help` for each).
 
 Each subcommand is one ``add_<name>(subparsers)`` function that declares its
 arguments and sets ``func``; ``main`` collects them.
