@@ -51,20 +51,16 @@ def mpi_status() -> tuple[bool, str]:
 
 def pytest_collection_modifyitems(config, items):
     """Skip marked tests whose hardware or launcher is missing, saying why."""
-    if any(item.get_closest_marker("gpu") for item in items):
-        ok, reason = cupy_status()
+    for marker, status, label in (("gpu", cupy_status, "gpu test: cupy backend unavailable ({})"),
+                                  ("mpi", mpi_status, "mpi test: {}")):
+        marked = [item for item in items if item.get_closest_marker(marker)]
+        if not marked:
+            continue               # the probe (a subprocess for mpi) runs only when needed
+        ok, reason = status()
         if not ok:
-            skip = pytest.mark.skip(reason=f"gpu test: cupy backend unavailable ({reason})")
-            for item in items:
-                if item.get_closest_marker("gpu"):
-                    item.add_marker(skip)
-    if any(item.get_closest_marker("mpi") for item in items):
-        ok, reason = mpi_status()
-        if not ok:
-            skip = pytest.mark.skip(reason=f"mpi test: {reason}")
-            for item in items:
-                if item.get_closest_marker("mpi"):
-                    item.add_marker(skip)
+            skip = pytest.mark.skip(reason=label.format(reason))
+            for item in marked:
+                item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
