@@ -1,12 +1,12 @@
-"""Numba twins of minillm.kv_cache kernels: the decode step's small, call-bound parts.
+"""Numba twin of minillm.attention.append_attend: the decode step's small, call-bound part.
 
 Profiling a decode step of the ``small`` preset (B=1, one token; cProfile)
 shows, besides the projections, (1) the ~15 small NumPy ops per block that
 split heads, scatter K/V into the cache, mask, softmax and merge heads, each
-costing more in call overhead than in arithmetic, and (2) the LM head
-(4096 x 256), which threaded BLAS handles erratically for one row. Each
-becomes one compiled single-threaded loop here (threads cost more than they
-save at these sizes). What remains is the four projections per block: BLAS
+costing more in call overhead than in arithmetic. They become one compiled
+single-threaded loop here (threads cost more than they save at these
+sizes). (A fused LN + LM-head twin was measured no faster than NumPy's
+LayerNorm + BLAS product, 234 vs 209 us at B=1, and was dropped.) What remains is the four projections per block: BLAS
 matrix-vector products that stream every weight once per token, i.e. bound
 by memory bandwidth (``bench/bench_kv_cache.py`` reports how close).
 """
@@ -62,42 +62,11 @@ def _append_attend(qkv, k_cache, v_cache, pos, n_head):
 
 
 def append_attend(qkv, k_cache, v_cache, pos, n_head):
-    """Accelerated minillm.kv_cache.append_attend — see it for the math."""
+    """Accelerated minillm.attention.append_attend — see it for the math."""
     pos = np.asarray(pos, dtype=np.int64)
     if pos.min() < 0 or pos.max() + qkv.shape[1] > k_cache.shape[2]:   # compiled code has no bounds checks
         raise IndexError(f"slots {pos.tolist()} + T={qkv.shape[1]} outside a cache of {k_cache.shape[2]}")
     return _append_attend(qkv, k_cache, v_cache, pos, int(n_head))
 
 
-@njit(cache=True, fastmath=True)
-def _head(x, ln_w, ln_b, wte, eps):
-    B, C = x.shape
-    V = wte.shape[0]
-    out = np.empty((B, V), dtype=x.dtype)
-    xn = np.empty(C, dtype=x.dtype)
-    for b in range(B):
-        mean = 0.0
-        for c in range(C):
-            mean += x[b, c]
-        mean /= C
-        var = 0.0
-        for c in range(C):
-            var += (x[b, c] - mean) ** 2
-        rstd = 1.0 / math.sqrt(var / C + eps)
-        for c in range(C):
-            xn[c] = (x[b, c] - mean) * rstd * ln_w[c] + ln_b[c]
-        for v in range(V):                       # one contiguous row of wte per logit
-            acc = xn[0] * 0                      # zero in x's dtype (float32 keeps SIMD width)
-            for c in range(C):
-                acc += wte[v, c] * xn[c]
-            out[b, v] = acc
-    return out
-
-
-def head(x, ln_w, ln_b, wte, eps):
-    """Accelerated minillm.kv_cache.head — see it for the math."""
-    return _head(x, ln_w, ln_b, wte, float(eps))
-
-
-KERNELS["kv_cache.append_attend"] = append_attend
-KERNELS["kv_cache.head"] = head
+KERNELS["attention.append_attend"] = append_attend

@@ -87,3 +87,45 @@ def self_attention_backward(dy, cache: SelfAttentionCache):
     xp = xp_of(dy)
     dq, dk, dv = sdpa_backward(split_heads(dy, cache.n_head), cache.sdpa)
     return xp.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)
+
+
+# --- decoding: new queries over stored keys and values (the KV cache's attention) -----
+def key_mask(pos, T: int, S: int, xp=np):
+    """(B, T, S) bool: query t of row b (at position pos[b] + t) sees keys s <= pos[b] + t."""
+    qpos = xp.asarray(pos)[:, None] + xp.arange(T)[None, :]           # (B, T)
+    return xp.arange(S)[None, None, :] <= qpos[:, :, None]              # (B, T, S)
+
+
+def attend(q, k, v, pos):
+    """Masked attention of T new queries per row over S stored keys -> (B, H, T, D).
+
+    q (B, H, T, D) at positions pos[b] .. pos[b] + T - 1; k, v (B, H, S, D) the
+    cache's first S slots. The math of ``sdpa_forward`` with a per-row causal
+    mask in place of the one shared mask (rows of a batch have their own lengths).
+    """
+    xp = xp_of(q)
+    T, S, D = q.shape[2], k.shape[2], q.shape[3]
+    scores = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(D))      # (B, H, T, S)
+    mask = key_mask(pos, T, S, xp)[:, None]                            # (B, 1, T, S)
+    scores = xp.where(mask, scores, -xp.inf).astype(q.dtype)
+    att, _ = softmax_forward(scores)                                   # (B, H, T, S)
+    return att @ v                                                     # (B, H, T, D)
+
+
+@kernel("attention.append_attend")
+def append_attend(qkv, k_cache, v_cache, pos, n_head: int):
+    """Store T new tokens' K/V in one layer's cache and attend over it -> y (B, T, C).
+
+    qkv (B, T, 3C) from c_attn for positions pos[b] .. pos[b] + T - 1 (pos (B,)
+    int, on the host); k_cache, v_cache (B, H, S_max, D), written in place at those slots.
+    """
+    xp = xp_of(qkv)
+    B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+    q, k, v = (split_heads(qkv[..., j * C:(j + 1) * C], n_head) for j in range(3))  # 3 x (B, H, T, D)
+    rows = xp.arange(B)[:, None]                                       # (B, 1)
+    slots = xp.asarray(pos)[:, None] + xp.arange(T)[None, :]           # (B, T)
+    k_cache[rows, :, slots] = k.transpose(0, 2, 1, 3)                  # (B, T, H, D) into the slots
+    v_cache[rows, :, slots] = v.transpose(0, 2, 1, 3)
+    S = int(pos.max()) + T                                             # keys any row can see
+    y = attend(q, k_cache[:, :, :S], v_cache[:, :, :S], pos)           # (B, H, T, D)
+    return merge_heads(y)                                              # (B, T, C)

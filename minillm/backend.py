@@ -14,9 +14,16 @@ there is one, else the reference. ``reference("module.fn")`` always returns the
 plain reference (tests compare the two).
 
 Select a backend with ``use("numba")`` (also a context manager) or the
-environment variable ``MINILLM_BACKEND``. Asking for one that cannot run
-raises ``BackendError`` saying why and what is available; nothing falls back
-silently.
+environment variable ``MINILLM_BACKEND``. An unknown name is a ``ValueError``;
+asking for one that cannot run raises ``BackendError`` saying why and what is
+available; nothing falls back silently.
+
+Dispatch follows the data, not only the switch: a kernel called on arrays
+that live on a device (CuPy's, or any registered array module whose arrays
+say so through ``__array_namespace__``) runs that device backend's twin or the
+reference, never a CPU twin, whatever backend is active. So a CuPy array
+never reaches a Numba twin. ``register_backend`` adds a backend module at run
+time (the tests register a device stand-in this way).
 """
 from __future__ import annotations
 
@@ -40,7 +47,7 @@ _state = {"current": None}               # the active backend's name
 
 
 class BackendError(RuntimeError):
-    """A backend was asked for that does not exist or cannot run here."""
+    """A known backend was asked for that cannot run here (not installed, no device)."""
 
 
 def _probe(name: str) -> tuple[bool, str]:
@@ -60,7 +67,7 @@ def available() -> dict[str, tuple[bool, str]]:
 
 def _load(name: str) -> ModuleType:
     if name not in _MODULES:
-        raise BackendError(
+        raise ValueError(
             f"backend={name!r} is unknown; known backends: {sorted(_MODULES)}")
     if name not in _loaded:
         ok, reason = _probe(name)
@@ -68,7 +75,9 @@ def _load(name: str) -> ModuleType:
             usable = [n for n, (good, _) in available().items() if good]
             raise BackendError(
                 f"backend={name!r} cannot run here: {reason}; available: {usable}")
-        _loaded[name] = importlib.import_module(_MODULES[name])
+        module = _loaded[name] = importlib.import_module(_MODULES[name])
+        if module.xp is not np:
+            _BY_XP[id(module.xp)] = module
     return _loaded[name]
 
 
@@ -98,7 +107,7 @@ class use:
 
     def __init__(self, name: str):
         if not isinstance(name, str):
-            raise BackendError(f"backend name must be a string, got {name!r}")
+            raise ValueError(f"backend name must be a string, got {name!r}")
         self._previous = _state["current"]
         _load(name.strip().lower())
         _state["current"] = name.strip().lower()
@@ -123,12 +132,56 @@ def kernel(name: str) -> Callable[[Callable], Callable]:
 
         @functools.wraps(fn)
         def dispatch(*args, **kwargs):
-            twin = current_module().KERNELS.get(name)
+            twin = _table_for(args).get(name)
             return (twin or fn)(*args, **kwargs)
 
         dispatch.kernel_name = name
         return dispatch
     return register
+
+
+def _table_for(args) -> dict:
+    """The kernel table for these arguments: the device's if any array lives on one,
+    else the active backend's when it computes on host (NumPy) arrays, else none."""
+    device = _device_of(args)
+    if device is not None:
+        return device.KERNELS
+    module = current_module()
+    return module.KERNELS if module.xp is np else {}
+
+
+def _device_of(args):
+    """The backend module owning the first device array among ``args`` (one level into
+    tuples, where caches keep their arrays), or None when all are host data."""
+    for a in args:
+        if isinstance(a, tuple) and a and not isinstance(a[0], tuple):
+            a = a[0]
+        if isinstance(a, np.ndarray) or not hasattr(a, "shape"):
+            continue
+        xp = xp_of(a)
+        if xp is not np:
+            return _BY_XP.get(id(xp))
+    return None
+
+
+def register_backend(name: str, module: ModuleType) -> None:
+    """Add a backend module (``NAME``, ``xp``, ``KERNELS``, ``is_available``) at run time.
+
+    Its arrays must say where they live through ``__array_namespace__``
+    (returning ``module.xp``), as CuPy's are recognised by their type.
+    """
+    for attr in ("NAME", "xp", "KERNELS", "is_available"):
+        if not hasattr(module, attr):
+            raise ValueError(f"backend module {module!r} lacks {attr!r}")
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"backend name={name!r} must be a non-empty string")
+    _MODULES[name] = module.__name__
+    _loaded[name] = module
+    if module.xp is not np:
+        _BY_XP[id(module.xp)] = module
+
+
+_BY_XP: dict[int, ModuleType] = {}       # id(array module) -> its backend module (device ones)
 
 
 def reference(name: str) -> Callable:
@@ -158,11 +211,19 @@ def twin(backend_name: str, name: str) -> Callable | None:
 
 
 def xp_of(*arrays):
-    """The array module (numpy or cupy) that owns ``arrays``; numpy for plain data."""
+    """The array module that owns ``arrays`` (cupy, a registered device's, or numpy)."""
     for a in arrays:
-        module = type(a).__module__
-        if module.startswith("cupy"):
-            return _load("cupy").xp
+        if isinstance(a, (np.ndarray, np.generic)):
+            continue
+        if type(a).__module__.startswith("cupy"):
+            xp = _load("cupy").xp
+            _BY_XP.setdefault(id(xp), _loaded["cupy"])
+            return xp
+        namespace = getattr(a, "__array_namespace__", None)
+        if namespace is not None:
+            xp = namespace()
+            if id(xp) in _BY_XP:
+                return xp
     return np
 
 
@@ -173,6 +234,19 @@ def xp_for(name: str):
 
 def to_numpy(x) -> np.ndarray:
     """A NumPy copy of ``x`` wherever it lives (no copy if it already is NumPy)."""
-    if type(x).__module__.startswith("cupy"):
-        return x.get()
+    if xp_of(x) is not np:
+        return x.get()           # the explicit device -> host copy (CuPy's API)
     return np.asarray(x)
+
+
+def synchronize(*arrays) -> None:
+    """Wait until the device that owns ``arrays`` has finished its queued work
+    (a no-op for host arrays): read a clock only after this."""
+    xp = xp_of(*arrays)
+    if xp is np:
+        return
+    cuda = getattr(xp, "cuda", None)
+    if cuda is not None:
+        cuda.get_current_stream().synchronize()
+    elif hasattr(xp, "synchronize"):
+        xp.synchronize()

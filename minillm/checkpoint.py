@@ -16,13 +16,11 @@ and refuses anything else with a ``ValueError`` that says what is wrong.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_dir, atomic_write_bytes, atomic_write_text
 from .backend import to_numpy
 from .config import GPTConfig
 
@@ -32,14 +30,11 @@ MODEL_FILE, CONFIG_FILE, META_FILE = "model.safetensors", "config.json", "meta.j
 
 # --- low-level: one safetensors file ------------------------------------------
 def write_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
-    """Write ``{name: array}`` to ``path`` (safetensors, C-contiguous copies)."""
+    """Write ``{name: array}`` to ``path`` (safetensors, C-contiguous copies), atomically."""
     from safetensors.numpy import save as st_save
     arrays = {k: np.ascontiguousarray(to_numpy(v)) for k, v in tensors.items()}
     data = st_save(arrays, metadata={k: str(v) for k, v in (metadata or {}).items()})
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    atomic_write_bytes(path, data)
 
 
 def read_tensors(path: Path) -> dict[str, np.ndarray]:
@@ -62,10 +57,8 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def write_json(path: Path, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
+    """Write ``obj`` to ``path`` as indented JSON with sorted keys, atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def read_json(path: Path) -> dict:
@@ -79,29 +72,6 @@ def read_json(path: Path) -> dict:
     if not isinstance(obj, dict):
         raise ValueError(f"{str(path)!r} must hold a JSON object")
     return obj
-
-
-# --- atomic directory swap -----------------------------------------------------
-def atomic_dir(path, write) -> None:
-    """Call ``write(tmp_dir)`` then swap ``tmp_dir`` into ``path`` with renames.
-
-    If anything fails before the swap, ``path`` is untouched. The old directory
-    is renamed aside first and removed only after the new one is in place.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = path.parent / f".{path.name}.tmp-{tag}"
-    old = path.parent / f".{path.name}.old-{tag}"
-    tmp.mkdir()
-    try:
-        write(tmp)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --- model checkpoints ------------------------------------------------------------

@@ -246,7 +246,7 @@ def add_tour(sub) -> None:
 
 
 def run_tour_command(args) -> int:
-    from minillm import report
+    from minillm import tour
     names = args.techniques
     if names is not None and names.strip().lower() == "none":
         names = []
@@ -258,9 +258,9 @@ def run_tour_command(args) -> int:
             flags.append(f"{flag} {value}")
     flags += [f for f, on in (("--quick", args.quick), ("--no-cache", args.no_cache)) if on]
     command = "minillm " + " ".join(flags)
-    report.run_tour(out_dir=args.out, cache_dir=args.cache_dir, quick=args.quick, steps=args.steps,
-                    seed=args.seed, techniques=names, progress=not args.no_progress,
-                    use_cache=not args.no_cache, backend_name=args.backend, command=command)
+    tour.run_tour(out_dir=args.out, cache_dir=args.cache_dir, quick=args.quick, steps=args.steps,
+                  seed=args.seed, techniques=names, progress=not args.no_progress,
+                  use_cache=not args.no_cache, backend_name=args.backend, command=command)
     return 0
 
 

@@ -21,6 +21,12 @@ class GPTConfig:
     n_embd      C   width of the residual stream
     dtype           "float32" (default) or "float64" (for gradient checks)
     ln_eps          LayerNorm epsilon (GPT-2 uses 1e-5)
+    attention       the attention kind ("dense": GPT-2's); see ``minillm.seams``
+    linear          the linear-layer kind of the blocks ("dense": float weights)
+
+    The config is the model's *default* shape: a block's head count and MLP
+    width are read from its parameters (``seams.block_dims``), so a model whose
+    heads or neurons were removed keeps this config.
     """
 
     vocab_size: int = 256
@@ -30,6 +36,8 @@ class GPTConfig:
     n_embd: int = 128
     dtype: str = "float32"
     ln_eps: float = 1e-5
+    attention: str = "dense"
+    linear: str = "dense"
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -47,6 +55,9 @@ class GPTConfig:
         if not (isinstance(self.ln_eps, (int, float)) and 0 < self.ln_eps < 1):
             raise ValueError(f"ln_eps={self.ln_eps!r} must be a float in (0, 1)")
         object.__setattr__(self, "ln_eps", float(self.ln_eps))   # np.float64 would promote float32
+        from . import seams
+        seams.linear_kind(self.linear)
+        seams.attention_kind(self.attention).check_config(self)
 
     @property
     def head_size(self) -> int:

@@ -9,10 +9,15 @@ appends its K/V and attends over the stored ones (Pope et al. 2022,
 "Efficiently Scaling Transformer Inference", sec. 2; the "past_key_values" of
 GPT-2 implementations).
 
-The cache, per layer, holds K and V of shape (B, H, S_max, D) in the model's
-dtype, preallocated once, so its size is exactly
+The cache holds one *decode state* per layer, made by the config's attention
+kind (``seams.AttentionKind.init_state``). For dense attention that is K and V
+of shape (B, H_i, S_max, D) in the model's dtype, preallocated once, so
 
-    bytes = 2 * L * B * H * S_max * D * itemsize
+    bytes = 2 * B * S_max * D * itemsize * sum_i H_i     (= 2 L B H S_max D itemsize)
+
+(H_i: the heads of layer i, fewer after head pruning). Other kinds keep
+other states (a ring buffer, a recurrent state); the code here only runs
+blocks and counts lengths.
 
 Batches of prompts of different lengths are *right-padded*: row b's token t
 sits at cache slot t = its position, and ``lengths[b]`` counts its filled
@@ -21,142 +26,97 @@ prompt from that prompt's tokens; in a decode step, row b writes its new K/V
 at slot ``lengths[b]`` and a key mask ``s <= lengths[b]`` hides the rest. Each
 row therefore computes exactly what it would alone (up to float rounding).
 
-Sampling draws from one generator per row (see ``sampling.row_rngs``), so a
-row's tokens do not depend on the other rows in its batch either.
-Axis legend as in ``model.py``.
+Rows come and go (continuous batching): ``cache.rows(sl)`` is a view of some
+rows that shares memory, so ``prefill(model, cache.rows(slice(r, r + 1)), ids)``
+admits a new prompt into row r while the others keep their state;
+``cache.free(r)`` releases it; ``decode_step(..., active=mask)`` advances only
+the active rows (the others compute on a dummy token and keep their length).
+The generation loop itself is ``generation.generate``. Axis legend as in
+``transformer.py``.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from . import attention as attn
-from . import layers
-from . import sampling
-from .backend import kernel, to_numpy, xp_of
-from .model import block_forward
+from . import seams, transformer
+from .backend import to_numpy
+from .checks import check_int
+from .layers import embedding_forward
 
 
 class KVCache:
-    """Preallocated keys and values of every layer and a fill length per row.
+    """One decode state per layer (made by the attention kind) and a fill length per row.
 
-    k, v     (L, B, H, S_max, D)  the model's dtype, on the model's device
-    lengths  (B,) int64           slots filled so far in each row (= next position)
+    layers   L tuples of arrays with the batch row first (dense: K, V (B, H_i, S_max, D))
+    lengths  (B,) int64 on the host: slots filled so far in each row (= next position)
     """
 
-    def __init__(self, config, batch_size: int, max_len: int | None = None, xp=np):
+    def __init__(self, config, batch_size: int, max_len: int | None = None, xp=np,
+                 n_heads: list[int] | None = None):
         max_len = config.block_size if max_len is None else max_len
-        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
-        if not isinstance(max_len, (int, np.integer)) or not 1 <= max_len <= config.block_size:
-            raise ValueError(f"max_len={max_len!r} must be an int in [1, block_size={config.block_size}]")
-        L, H, D = config.n_layer, config.n_head, config.head_size
-        shape = (L, int(batch_size), H, int(max_len), D)
-        self.k = xp.zeros(shape, dtype=config.np_dtype)                   # (L, B, H, S_max, D)
-        self.v = xp.zeros(shape, dtype=config.np_dtype)                   # (L, B, H, S_max, D)
-        self.lengths = np.zeros(int(batch_size), dtype=np.int64)          # (B,)
+        batch_size = check_int("batch_size", batch_size, 1)
+        max_len = check_int("max_len", max_len, 1, config.block_size)
+        n_heads = [config.n_head] * config.n_layer if n_heads is None else list(n_heads)
+        if len(n_heads) != config.n_layer:
+            raise ValueError(f"n_heads has {len(n_heads)} entries; the model has {config.n_layer} layers")
+        kind = seams.attention_kind(config.attention)
+        self.layers = [kind.init_state(config, batch_size, max_len, h, xp) for h in n_heads]
+        self.lengths = np.zeros(batch_size, dtype=np.int64)              # (B,)
+        self.max_len = max_len
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int | None = None) -> "KVCache":
-        """A cache in ``model``'s dtype and on its device."""
-        return cls(model.config, batch_size, max_len, xp=model.xp)
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
+        """A cache in ``model``'s dtype, on its device, with each layer's own head count."""
+        n_heads = [model.block_dims(i).n_head for i in range(model.config.n_layer)]
+        return cls(model.config, batch_size, max_len, xp=model.xp, n_heads=n_heads)
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.lengths.shape[0]
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: 2 * L * B * H * S_max * D * itemsize."""
-        return int(self.k.nbytes + self.v.nbytes)
+        """Bytes held by every layer's state (dense: 2 * B * S_max * D * itemsize * sum H_i)."""
+        return int(sum(a.nbytes for state in self.layers for a in state))
 
     def reset(self) -> None:
         """Forget every row (the memory stays allocated)."""
         self.lengths[:] = 0
 
+    def free(self, rows) -> None:
+        """Forget some rows (an int, a slice or a bool mask): they can be admitted again."""
+        self.lengths[rows] = 0
 
-# --- the attention of new tokens over the cache ---------------------------------
-def key_mask(pos, T: int, S: int, xp=np):
-    """(B, T, S) bool: query t of row b (at position pos[b] + t) sees keys s <= pos[b] + t."""
-    qpos = xp.asarray(pos)[:, None] + xp.arange(T)[None, :]           # (B, T)
-    return xp.arange(S)[None, None, :] <= qpos[:, :, None]              # (B, T, S)
-
-
-def attend(q, k, v, pos):
-    """Masked attention of T new queries per row over S cached keys -> (B, H, T, D).
-
-    q (B, H, T, D) at positions pos[b] .. pos[b] + T - 1; k, v (B, H, S, D) the
-    cache's first S slots. The math of ``attention.sdpa_forward`` with a
-    per-row causal mask in place of the one shared mask.
-    """
-    xp = xp_of(q)
-    T, S, D = q.shape[2], k.shape[2], q.shape[3]
-    scores = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(D))      # (B, H, T, S)
-    mask = key_mask(pos, T, S, xp)[:, None]                            # (B, 1, T, S)
-    scores = xp.where(mask, scores, -xp.inf).astype(q.dtype)
-    att, _ = layers.softmax_forward(scores)                            # (B, H, T, S)
-    return att @ v                                                     # (B, H, T, D)
+    def rows(self, rows: slice) -> "KVCache":
+        """A view of the rows ``rows`` (a slice): same memory, so writes land in this cache."""
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise ValueError(f"rows={rows!r} must be a slice with step 1 (a view, not a copy)")
+        view = object.__new__(KVCache)
+        view.layers = [tuple(a[rows] for a in state) for state in self.layers]
+        view.lengths = self.lengths[rows]                                 # a view as well
+        view.max_len = self.max_len
+        if view.batch_size == 0:
+            raise ValueError(f"rows={rows!r} selects no row of a cache of {self.batch_size}")
+        return view
 
 
-@kernel("kv_cache.append_attend")
-def append_attend(qkv, k_cache, v_cache, pos, n_head: int):
-    """Store T new tokens' K/V in one layer's cache and attend over it -> y (B, T, C).
-
-    qkv (B, T, 3C) from c_attn for positions pos[b] .. pos[b] + T - 1 (pos (B,)
-    int); k_cache, v_cache (B, H, S_max, D), written in place at those slots.
-    """
-    xp = xp_of(qkv)
-    B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-    q, k, v = (attn.split_heads(qkv[..., j * C:(j + 1) * C], n_head) for j in range(3))  # 3 x (B, H, T, D)
-    rows = xp.arange(B)[:, None]                                       # (B, 1)
-    slots = xp.asarray(pos)[:, None] + xp.arange(T)[None, :]           # (B, T)
-    k_cache[rows, :, slots] = k.transpose(0, 2, 1, 3)                  # (B, T, H, D) into the slots
-    v_cache[rows, :, slots] = v.transpose(0, 2, 1, 3)
-    S = int(pos.max()) + T                                             # keys any row can see
-    y = attend(q, k_cache[:, :, :S], v_cache[:, :, :S], pos)           # (B, H, T, D)
-    return attn.merge_heads(y)                                         # (B, T, C)
-
-
-# --- one block, reading and extending the cache -----------------------------------
-def block_step(x, p: dict, i: int, config, cache: KVCache, pos):
-    """Block ``i`` over T new tokens per row at positions pos[b] + t: x (B, T, C) -> (B, T, C).
-
-    ``model.block_forward`` itself, with its attention step swapped for one that
-    reads and extends layer i of the cache instead of seeing only this call's tokens.
-    """
-    def attend_cached(qkv, n_head):
-        return append_attend(qkv, cache.k[i], cache.v[i], pos, n_head), None   # (B, T, C)
-
-    x, _ = block_forward(x, p, i, config, attention=attend_cached)
-    return x
-
-
-@kernel("kv_cache.head")
-def head(x, ln_w, ln_b, wte, eps: float):
-    """ln_f then the tied LM head for one position per row: x (B, C) -> logits (B, V)."""
-    x, _ = layers.layernorm_forward(x, ln_w, ln_b, eps)                # (B, C)
-    return x @ wte.T                                                   # (B, V) tied head
-
-
+# --- running blocks over the cache ---------------------------------------------------------
 def _run(model, cache: KVCache, idx, pos):
-    """Embed idx (B, T) at positions pos[b] + t, run every block -> hidden (B, T, C)."""
-    p, T = model.params, idx.shape[1]
-    xp = model.xp
-    positions = pos[:, None] + np.arange(T)[None, :]                   # (B, T)
-    x = p["wte.weight"][xp.asarray(idx)] + p["wpe.weight"][xp.asarray(positions)]  # (B, T, C)
-    for i in range(model.config.n_layer):
-        x = block_step(x, p, i, model.config, cache, pos)
+    """Embed idx (B, T) at positions pos[b] + t, run every block over the cache -> (B, T, C)."""
+    p, cfg, xp = model.params, model.config, model.xp
+    kind = seams.attention_kind(cfg.attention)
+    x, _ = embedding_forward(xp.asarray(idx), p["wte.weight"], p["wpe.weight"], pos)   # (B, T, C)
+    for i in range(cfg.n_layer):
+        state = cache.layers[i]
+        # the block itself, with its attention step reading and extending layer i's state
+        step = lambda qkv, n_head: (kind.step(qkv, state, pos, n_head, cfg), None)  # noqa: E731
+        x, _ = transformer.block_forward(x, p, i, cfg, attention=step)
     return x
 
 
 def _logits(model, x):
-    p = model.params
-    return head(x, p["ln_f.weight"], p["ln_f.bias"], p["wte.weight"], model.config.ln_eps)
+    logits, _ = transformer.head_forward(x, model.params, model.config)            # (B, V)
+    return logits
 
 
 # --- prefill and decode -----------------------------------------------------------------
@@ -165,6 +125,7 @@ def prefill(model, cache: KVCache, idx, lengths=None):
 
     Row b's prompt is idx[b, :lengths[b]] (default: all T); the logits are those
     at its last prompt token, i.e. the distribution of its first new token.
+    ``cache`` may be a view of some rows (``KVCache.rows``): the others are untouched.
     """
     idx = to_numpy(model.check_idx(idx, "idx")).astype(np.int64)
     B, T = idx.shape
@@ -179,17 +140,25 @@ def prefill(model, cache: KVCache, idx, lengths=None):
     return _logits(model, x[model.xp.arange(B), last])                 # (B, V)
 
 
-def decode_step(model, cache: KVCache, tokens):
-    """Append one token per row (tokens (B,) int) and return the next logits (B, V)."""
+def decode_step(model, cache: KVCache, tokens, active=None):
+    """Append one token per row (tokens (B,) int) and return the next logits (B, V).
+
+    ``active`` (B,) bool: rows that advance (default all). An inactive row (a
+    freed slot, a finished request) computes on its token but keeps its length,
+    so whatever it wrote is overwritten when the row is used again.
+    """
     tokens = np.asarray(to_numpy(tokens)).reshape(-1).astype(np.int64)  # (B,)
     if tokens.shape[0] != cache.batch_size:
         raise ValueError(f"tokens has {tokens.shape[0]} rows, the cache has {cache.batch_size}")
+    active = np.ones(cache.batch_size, dtype=bool) if active is None else np.asarray(active)
+    if active.shape != (cache.batch_size,) or active.dtype != bool:
+        raise ValueError(f"active must be {cache.batch_size} bools (one per row), got {active!r}")
     if int(cache.lengths.max()) >= cache.max_len:
         raise ValueError(f"the cache is full: a row holds {int(cache.lengths.max())} of "
                          f"max_len={cache.max_len} slots")
     model.check_idx(tokens[:, None], "tokens")
     x = _run(model, cache, tokens[:, None], cache.lengths)             # (B, 1, C)
-    cache.lengths += 1
+    cache.lengths += active
     return _logits(model, x[:, 0])                                     # (B, V)
 
 
@@ -205,69 +174,26 @@ def check_lengths(lengths, B: int, T: int) -> np.ndarray:
     return lengths.astype(np.int64)
 
 
-# --- generation ---------------------------------------------------------------------------
-def generate(model, idx, max_new_tokens=50, temperature=1.0, top_k=None, top_p=None,
-             seed=0, eos_id=None, lengths=None):
-    """Prefill once, then one decode step per new token -> ids (B, T + n_new).
-
-    ``idx`` holds right-padded prompts of ``lengths`` (default: all T); row b's
-    result is out[b, :lengths[b] + n_new] (prompt, then new tokens). After
-    ``eos_id`` a row repeats it; generation stops when every row has emitted it.
-    ``seed``: see ``sampling.row_rngs`` (one generator per row).
-    """
-    sampling.check_sampling_args(temperature, top_k, top_p, max_new_tokens)
-    idx = to_numpy(model.check_idx(idx, "idx")).astype(np.int64)
-    B, T = idx.shape
-    lengths = check_lengths(lengths, B, T)
-    if int(lengths.max()) + max_new_tokens > model.config.block_size:
-        raise ValueError(f"prompt length {int(lengths.max())} + max_new_tokens={max_new_tokens} "
-                         f"exceeds block_size={model.config.block_size}")
-    rngs = sampling.row_rngs(seed, B)
-    out = np.zeros((B, T + max_new_tokens), dtype=np.int64)            # (B, T + new)
-    out[:, :T] = idx
-    if max_new_tokens == 0:
-        return out[:, :T]
-    cache = KVCache.for_model(model, B, int(lengths.max()) + max_new_tokens)
-    logits = prefill(model, cache, idx, lengths)                       # (B, V)
-    done = np.zeros(B, dtype=bool)
-    for step in range(max_new_tokens):
-        nxt = sampling.sample_next(logits, temperature, top_k, top_p, rngs)  # (B,)
-        if eos_id is not None:
-            nxt = np.where(done, eos_id, nxt)
-            done |= nxt == eos_id
-        out[np.arange(B), lengths + step] = nxt
-        if step == max_new_tokens - 1 or (eos_id is not None and done.all()):
-            break
-        logits = decode_step(model, cache, nxt)
-    return out[:, :T + step + 1]
+# --- the tour row ----------------------------------------------------------------
+from .tour import Row, TourContext, technique  # noqa: E402  (the row's block; see minillm/tour.py)
 
 
-def generate_batch(model, prompts, max_new_tokens=50, temperature=1.0, top_k=None,
-                   top_p=None, seed=0, eos_id=None) -> list[np.ndarray]:
-    """Prompts of different lengths (a list of 1-D id arrays), decoded as one batch.
-
-    Returns one 1-D array per prompt: the prompt, then its new tokens, ending at
-    its first ``eos_id`` (inclusive) or after ``max_new_tokens``. Row b equals
-    ``generate(model, prompts[b][None], ..., seed=[row_seed_b])`` where
-    ``row_seed_b`` is ``seed[b]`` if ``seed`` is a list, else ``[seed, b]``.
-    """
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError(f"prompts must be a non-empty list of 1-D id arrays, got {type(prompts).__name__}")
-    rows = [np.asarray(p).reshape(-1) for p in prompts]
-    lengths = np.array([r.shape[0] for r in rows], dtype=np.int64)
-    if lengths.min() < 1:
-        raise ValueError(f"prompt {int(lengths.argmin())} is empty; every prompt needs >= 1 token")
-    idx = np.zeros((len(rows), int(lengths.max())), dtype=np.int64)   # (B, T) right-padded
-    for b, r in enumerate(rows):
-        idx[b, :r.shape[0]] = r
-    out = generate(model, idx, max_new_tokens, temperature, top_k, top_p, seed, eos_id, lengths)
-    n_new = out.shape[1] - idx.shape[1]
-    return [trim_eos(out[b, :lengths[b] + n_new], int(lengths[b]), eos_id) for b in range(len(rows))]
-
-
-def trim_eos(ids: np.ndarray, prompt_len: int, eos_id) -> np.ndarray:
-    """ids (N,) cut after the first ``eos_id`` among the new tokens (kept)."""
-    if eos_id is None:
-        return ids
-    hits = np.flatnonzero(ids[prompt_len:] == eos_id)
-    return ids if hits.size == 0 else ids[:prompt_len + hits[0] + 1]
+@technique("kv_cache", order=2)
+def kv_cache_row(ctx: TourContext) -> Row:
+    """KV cache: the baseline's weights and math (same perplexity), decoded with a
+    prefill + one-token steps instead of re-running the prefix; decode tokens/s
+    with the cache next to the baseline's without it, and the cache's bytes."""
+    from .backend import current
+    model = ctx.model
+    cached = ctx.decode_tok_s(use_cache=True)
+    plain = ctx.baseline.decode_tok_s if ctx.baseline else ctx.decode_tok_s(use_cache=False)
+    length = ctx.prompt_ids().shape[1] + ctx.decode_tokens
+    cache_bytes = KVCache(model.config, 1, min(length, model.config.block_size)).nbytes
+    ppl = ctx.baseline.val_ppl if ctx.baseline else ctx.val_ppl()
+    return Row("kv_cache", model.num_params(), model.nbytes(), ppl, None, cached,
+               f"greedy decode of {ctx.decode_tokens} tokens: {cached:.0f} tok/s cached vs "
+               f"{plain:.0f} uncached ({cached / plain:.1f}x); cache {cache_bytes / 1e6:.2f} MB "
+               f"(2*L*B*H*S*D*{model.config.np_dtype.itemsize}, B=1, S={length}); "
+               f"perplexity unchanged (same weights and math)",
+               {"cache_bytes": cache_bytes, "cache_len": length, "uncached_tok_s": plain,
+                "cached_over_uncached": cached / plain, "backend": current()})

@@ -22,26 +22,39 @@ from .backend import kernel, xp_of
 # --- embedding -------------------------------------------------------------
 class EmbeddingCache(NamedTuple):
     idx: np.ndarray        # (B, T) token ids, kept to scatter the gradient back
+    positions: np.ndarray  # (T,) shared positions, or (B, T) one row of positions per sequence
     vocab_size: int
     block_size: int
 
 
-def embedding_forward(idx, wte, wpe, pos0: int = 0):
-    """x[b, t] = wte[idx[b, t]] + wpe[pos0 + t]   -> (B, T, C)."""
+def embedding_forward(idx, wte, wpe, pos0=0):
+    """x[b, t] = wte[idx[b, t]] + wpe[pos0 + t]   -> (B, T, C).
+
+    ``pos0``: the position of the first token, an int (training: 0) or one per
+    row (B,) ints (decoding: each row continues from its own length).
+    """
+    xp = xp_of(wte)
     T = idx.shape[1]
-    x = wte[idx] + wpe[pos0:pos0 + T]                      # (B, T, C)
-    return x, EmbeddingCache(idx, wte.shape[0], wpe.shape[0])
+    if isinstance(pos0, (int, np.integer)):
+        positions = xp.arange(int(pos0), int(pos0) + T)                  # (T,)
+    else:
+        positions = xp.asarray(pos0)[:, None] + xp.arange(T)[None, :]   # (B, T)
+    x = wte[idx] + wpe[positions]                                      # (B, T, C)
+    return x, EmbeddingCache(idx, positions, wte.shape[0], wpe.shape[0])
 
 
-def embedding_backward(dx, cache: EmbeddingCache, pos0: int = 0):
+def embedding_backward(dx, cache: EmbeddingCache):
     """-> (dwte (V, C), dwpe (T_max, C)); rows never looked up get zero."""
     xp = xp_of(dx)
-    B, T, C = dx.shape
+    C = dx.shape[-1]
     dwte = xp.zeros((cache.vocab_size, C), dtype=dx.dtype)
     # a token id can repeat in the batch: scatter-*add*, not assign
     xp.add.at(dwte, cache.idx.reshape(-1), dx.reshape(-1, C))
     dwpe = xp.zeros((cache.block_size, C), dtype=dx.dtype)
-    dwpe[pos0:pos0 + T] = dx.sum(axis=0)                    # (T, C)
+    if cache.positions.ndim == 1:                                      # shared by all rows: distinct
+        dwpe[cache.positions] = dx.sum(axis=0)                         # (T, C)
+    else:
+        xp.add.at(dwpe, cache.positions.reshape(-1), dx.reshape(-1, C))
     return dwte, dwpe
 
 
@@ -52,6 +65,7 @@ class LinearCache(NamedTuple):
     has_bias: bool
 
 
+@kernel("layers.linear_forward")
 def linear_forward(x, w, b=None):
     """y = x @ w + b   (..., Cin) -> (..., Cout)."""
     y = x @ w
@@ -60,6 +74,7 @@ def linear_forward(x, w, b=None):
     return y, LinearCache(x, w, b is not None)
 
 
+@kernel("layers.linear_backward")
 def linear_backward(dy, cache: LinearCache):
     """-> (dx (..., Cin), dw (Cin, Cout), db (Cout,) or None)."""
     x, w, has_bias = cache

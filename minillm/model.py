@@ -1,30 +1,26 @@
-"""GPT-2, in NumPy, with an explicit backward pass.
+"""GPT: the parameters of a GPT-2 and what you do with them.
+
+The math lives in ``transformer.py`` (embedding, blocks, tied head, forward
+and backward over a parameter dict); this class holds the parameters, checks
+inputs at the boundary, and offers the public API: ``forward``,
+``forward_train`` / ``backward`` (llm.c's split: any loss on the logits),
+``loss_and_grads`` built on them, ``generate`` (``generation.py``), files.
 
 Axis legend (used in every shape comment of the package):
     B batch · T query length · S key/cache length · C n_embd · H heads ·
     D head dim (C / H) · V vocab · L layers
 
-Forward (Radford et al. 2019, "GPT-2": pre-LayerNorm, tanh-GELU, learned
-positions, LM head tied to the token embedding):
-
-    x = wte[idx] + wpe[:T]                                  (B, T, C)
-    for each of L blocks:
-        x = x + c_proj(attention(c_attn(ln_1(x))))
-        x = x + mlp.c_proj(gelu(mlp.c_fc(ln_2(x))))
-    logits = ln_f(x) @ wte^T                                 (B, T, V)
-
-The backward pass visits the same steps in exact reverse order. Parameter
-names are GPT-2's checkpoint names without the ``transformer.`` prefix.
+Parameter names are GPT-2's checkpoint names without the ``transformer.``
+prefix. The config's linear and attention *kinds* (``minillm.seams``) decide
+how the blocks' linear layers are stored and how attention runs; each block's
+head count and MLP width are read from its parameter shapes.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 
-from . import attention as attn
-from . import layers
-from .backend import to_numpy, xp_of, xp_for
+from . import generation, layers, seams, transformer
+from .backend import to_numpy, xp_for, xp_of
 from .config import GPTConfig
 
 
@@ -53,6 +49,13 @@ def init_params(config: GPTConfig, seed: int = 0) -> dict[str, np.ndarray]:
         p[h + "mlp.c_proj.weight"] = normal((4 * C, C), proj_std)
         p[h + "mlp.c_proj.bias"] = np.zeros(C, dtype)
     p["ln_f.weight"], p["ln_f.bias"] = np.ones(C, dtype), np.zeros(C, dtype)
+    kind = seams.linear_kind(config.linear)
+    if kind.name != "dense":                 # the same init, stored the kind's way
+        for i in range(L):
+            for role in seams.LINEAR_ROLES:
+                name = f"h.{i}.{role}"
+                for suffix, a in kind.from_dense(p.pop(name + ".weight"), p.pop(name + ".bias")).items():
+                    p[f"{name}.{suffix}"] = a
     return p
 
 
@@ -74,56 +77,6 @@ def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-class BlockCache(NamedTuple):
-    ln_1: layers.LayerNormCache
-    c_attn: layers.LinearCache
-    attn: attn.SelfAttentionCache
-    attn_proj: layers.LinearCache
-    ln_2: layers.LayerNormCache
-    c_fc: layers.LinearCache
-    gelu: np.ndarray
-    mlp_proj: layers.LinearCache
-
-
-def block_forward(x, p: dict, i: int, config: GPTConfig,
-                  attention=attn.self_attention_forward):
-    """One transformer block: x (B, T, C) -> (B, T, C).
-
-    ``attention(qkv (B, T, 3C), n_head) -> (y (B, T, C), cache)`` is the one step a
-    technique may swap in (the KV cache's attention over its stored keys, later
-    sparse or linear attention); everything else in the block stays as it is.
-    """
-    h, eps = f"h.{i}.", config.ln_eps
-    a, ln_1 = layers.layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"], eps)
-    qkv, c_attn = layers.linear_forward(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])  # (B, T, 3C)
-    a, at = attention(qkv, config.n_head)                                            # (B, T, C)
-    a, attn_proj = layers.linear_forward(a, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
-    x = x + a                                                                       # residual 1
-    m, ln_2 = layers.layernorm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"], eps)
-    m, c_fc = layers.linear_forward(m, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])  # (B, T, 4C)
-    m, gelu = layers.gelu_forward(m)                                                # (B, T, 4C)
-    m, mlp_proj = layers.linear_forward(m, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])
-    x = x + m                                                                       # residual 2
-    return x, BlockCache(ln_1, c_attn, at, attn_proj, ln_2, c_fc, gelu, mlp_proj)
-
-
-def block_backward(dx, cache: BlockCache, i: int, grads: dict):
-    """Reverse of ``block_forward``; writes this block's parameter grads into ``grads``."""
-    h = f"h.{i}."
-    # residual 2: dx flows both around and through the MLP
-    dm, grads[h + "mlp.c_proj.weight"], grads[h + "mlp.c_proj.bias"] = layers.linear_backward(dx, cache.mlp_proj)
-    dm = layers.gelu_backward(dm, cache.gelu)
-    dm, grads[h + "mlp.c_fc.weight"], grads[h + "mlp.c_fc.bias"] = layers.linear_backward(dm, cache.c_fc)
-    dm, grads[h + "ln_2.weight"], grads[h + "ln_2.bias"] = layers.layernorm_backward(dm, cache.ln_2)
-    dx = dx + dm
-    # residual 1: the same through attention
-    da, grads[h + "attn.c_proj.weight"], grads[h + "attn.c_proj.bias"] = layers.linear_backward(dx, cache.attn_proj)
-    dqkv = attn.self_attention_backward(da, cache.attn)                             # (B, T, 3C)
-    da, grads[h + "attn.c_attn.weight"], grads[h + "attn.c_attn.bias"] = layers.linear_backward(dqkv, cache.c_attn)
-    da, grads[h + "ln_1.weight"], grads[h + "ln_1.bias"] = layers.layernorm_backward(da, cache.ln_1)
-    return dx + da
-
-
 class GPT:
     """A GPT-2 model whose parameters are a plain dict of arrays (see ``params``)."""
 
@@ -138,7 +91,7 @@ class GPT:
     # --- where the arrays live ----------------------------------------------
     @property
     def xp(self):
-        """numpy or cupy: the module that owns the parameters."""
+        """numpy or cupy (or a registered device's module): the owner of the parameters."""
         return xp_of(self.params["wte.weight"])
 
     def to(self, backend_name: str) -> "GPT":
@@ -149,63 +102,75 @@ class GPT:
         return self
 
     def num_params(self) -> int:
-        """Parameter count (tied head counted once)."""
+        """Parameter count (tied head counted once; every stored entry counts, int8 too)."""
         return int(sum(v.size for v in self.params.values()))
 
     def nbytes(self) -> int:
-        """Bytes of all weights."""
+        """Bytes held by the parameters, counted from the arrays themselves."""
         return int(sum(v.nbytes for v in self.params.values()))
+
+    # --- the layout -------------------------------------------------------------
+    def block_dims(self, i: int) -> seams.BlockDims:
+        """(n_head, d_mlp) of block ``i``, read from its parameter shapes."""
+        return seams.block_dims(self.params, i, self.config)
+
+    def trainable(self) -> dict:
+        """``{name: array}`` of the parameters that get gradients (what an optimizer updates).
+
+        Every parameter for the dense kind; a linear kind may hold frozen ones
+        (int8 codes, masks) that ``backward`` does not differentiate.
+        """
+        kind = seams.linear_kind(self.config.linear)
+        frozen = {f"h.{i}.{role}.{s}" for i in range(self.config.n_layer)
+                  for role in seams.LINEAR_ROLES for s in kind.suffixes if s not in kind.trainable}
+        return {k: v for k, v in self.params.items() if k not in frozen}
 
     # --- forward / backward -------------------------------------------------
     def check_idx(self, idx, name: str = "idx", pos0: int = 0):
         """Validate token ids (B, T) and return them as an int array on the model's device."""
         return check_tokens(idx, self.config, name=name, pos0=pos0, xp=self.xp)
 
-    def _forward(self, idx):
-        """-> logits (B, T, V) and everything the backward pass needs."""
-        p, cfg = self.params, self.config
-        x, emb = layers.embedding_forward(idx, p["wte.weight"], p["wpe.weight"])   # (B, T, C)
-        blocks = []
-        for i in range(cfg.n_layer):
-            x, cache = block_forward(x, p, i, cfg)
-            blocks.append(cache)
-        x, ln_f = layers.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"], cfg.ln_eps)
-        logits, head = layers.linear_forward(x, p["wte.weight"].T)                 # (B, T, V) tied head
-        return logits, (emb, blocks, ln_f, head)
-
     def forward(self, idx):
         """Logits (B, T, V) for token ids ``idx`` (B, T)."""
-        logits, _ = self._forward(self.check_idx(idx))
+        logits, _ = transformer.forward(self.params, self.config, self.check_idx(idx))
         return logits
 
     __call__ = forward
 
+    def forward_train(self, idx):
+        """-> (logits (B, T, V), cache): the forward pass that keeps what ``backward`` needs."""
+        return transformer.forward(self.params, self.config, self.check_idx(idx))
+
+    def backward(self, dlogits, cache) -> dict:
+        """d loss / d logits (B, T, V) -> grads: the trainable parameters' names, shapes, dtypes."""
+        logits_shape = cache.head.head.x.shape[:-1] + (self.config.vocab_size,)
+        if tuple(dlogits.shape) != logits_shape:
+            raise ValueError(f"dlogits has shape {tuple(dlogits.shape)}; the forward pass made "
+                             f"logits of shape {logits_shape}")
+        if dlogits.dtype != self.config.np_dtype:
+            raise ValueError(f"dlogits has dtype {dlogits.dtype}; the model computes in {self.config.dtype}")
+        return transformer.backward(self.params, self.config, dlogits, cache)
+
     def loss(self, idx, targets) -> float:
         """Mean cross-entropy of next-token prediction (no gradients)."""
-        idx, targets = self.check_idx(idx), self.check_idx(targets, "targets")
-        if targets.shape != idx.shape:
-            raise ValueError(f"targets shape {targets.shape} must equal idx shape {idx.shape}")
-        logits, _ = self._forward(idx)
+        idx, targets = self._check_pair(idx, targets)
+        logits, _ = transformer.forward(self.params, self.config, idx)
         loss, _ = layers.cross_entropy_forward(logits, targets)
         return float(loss)
 
     def loss_and_grads(self, idx, targets):
-        """-> (loss: float, grads: dict with the same keys, shapes, dtypes as params)."""
+        """-> (loss: float, grads: dict with the trainable parameters' keys, shapes, dtypes)."""
+        idx, targets = self._check_pair(idx, targets)
+        logits, cache = transformer.forward(self.params, self.config, idx)
+        loss, ce = layers.cross_entropy_forward(logits, targets)
+        dlogits = layers.cross_entropy_backward(1.0, ce, logits.shape)                # (B, T, V)
+        return float(loss), transformer.backward(self.params, self.config, dlogits, cache)
+
+    def _check_pair(self, idx, targets):
         idx, targets = self.check_idx(idx), self.check_idx(targets, "targets")
         if targets.shape != idx.shape:
             raise ValueError(f"targets shape {targets.shape} must equal idx shape {idx.shape}")
-        logits, (emb, blocks, ln_f, head) = self._forward(idx)
-        loss, ce = layers.cross_entropy_forward(logits, targets)
-        # backward, in exact reverse order of _forward
-        grads: dict = {}
-        dlogits = layers.cross_entropy_backward(1.0, ce, logits.shape)             # (B, T, V)
-        dx, dwte_head, _ = layers.linear_backward(dlogits, head)                   # dwte_head (C, V)
-        dx, grads["ln_f.weight"], grads["ln_f.bias"] = layers.layernorm_backward(dx, ln_f)
-        for i in reversed(range(self.config.n_layer)):
-            dx = block_backward(dx, blocks[i], i, grads)
-        dwte, grads["wpe.weight"] = layers.embedding_backward(dx, emb)
-        grads["wte.weight"] = dwte + dwte_head.T                                   # tied: both uses add up
-        return float(loss), {k: grads[k] for k in self.params}
+        return idx, targets
 
     # --- generation ----------------------------------------------------------
     def generate(self, idx, max_new_tokens: int = 50, temperature: float = 1.0,
@@ -216,12 +181,11 @@ class GPT:
         temperature 0 is greedy; ``top_k`` keeps the k most likely ids; ``top_p``
         keeps the smallest set whose probability reaches p. ``use_cache`` decodes
         with the KV cache (``minillm.kv_cache``); False re-runs the whole prefix
-        each step (the quadratic baseline).
+        each step (the quadratic baseline). See ``minillm.generation``.
         """
-        from . import sampling
-        return sampling.generate(self, idx, max_new_tokens=max_new_tokens,
-                                 temperature=temperature, top_k=top_k, top_p=top_p,
-                                 seed=seed, use_cache=use_cache, eos_id=eos_id)
+        return generation.generate(self, idx, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_k=top_k, top_p=top_p,
+                                   seed=seed, use_cache=use_cache, eos_id=eos_id)
 
     # --- files -----------------------------------------------------------------
     def save(self, path, **extra) -> None:
@@ -278,15 +242,21 @@ def check_tokens(idx, config: GPTConfig, name: str = "idx", pos0: int = 0, xp=np
 
 
 def check_params(params: dict, config: GPTConfig) -> None:
-    """Every expected name present with its shape and the config's dtype; nothing extra."""
-    expected = param_shapes(config)
+    """Every expected name present with its shape and dtype; nothing extra.
+
+    Block dims (heads, MLP width) are read from the parameters themselves
+    (``seams.expected_specs``), so a model with per-layer shapes passes.
+    """
+    if not isinstance(params, dict):
+        raise ValueError(f"params must be a dict of arrays, got {type(params).__name__}")
+    expected = seams.expected_specs(params, config)
     missing = sorted(set(expected) - set(params))
     extra = sorted(set(params) - set(expected))
     if missing or extra:
         raise ValueError(f"params do not match the config: missing {missing[:5]}, unexpected {extra[:5]}")
-    for name, shape in expected.items():
+    for name, (shape, dtype) in expected.items():
         a = params[name]
         if tuple(a.shape) != shape:
             raise ValueError(f"param {name!r} has shape {tuple(a.shape)}, config needs {shape}")
-        if a.dtype != config.np_dtype:
-            raise ValueError(f"param {name!r} has dtype {a.dtype}, config needs {config.dtype}")
+        if a.dtype != dtype:
+            raise ValueError(f"param {name!r} has dtype {a.dtype}, config needs {dtype}")

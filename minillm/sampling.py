@@ -1,4 +1,4 @@
-"""Choosing the next token from logits, and the generation loop.
+"""Choosing the next token from logits (the loop that calls this is ``generation.py``).
 
 - temperature 0: greedy (argmax);
 - temperature t > 0: sample from softmax(logits / t);
@@ -85,29 +85,3 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, rng=None) -> np
         u = rng.random((probs.shape[0], 1))                                # inverse-CDF sampling
     ids = (np.cumsum(probs, axis=-1) < u).sum(axis=-1)
     return np.minimum(ids, probs.shape[-1] - 1)
-
-
-def generate(model, idx, max_new_tokens=50, temperature=1.0, top_k=None, top_p=None,
-             seed=0, use_cache=True, eos_id=None):
-    """See ``GPT.generate``. Without the cache: re-run the whole sequence per token."""
-    check_sampling_args(temperature, top_k, top_p, max_new_tokens)
-    idx = to_numpy(model.check_idx(idx, "idx")).astype(np.int64)
-    if idx.shape[1] + max_new_tokens > model.config.block_size:
-        raise ValueError(f"prompt length {idx.shape[1]} + max_new_tokens={max_new_tokens} "
-                         f"exceeds block_size={model.config.block_size}")
-    if use_cache:
-        from . import kv_cache
-        return kv_cache.generate(model, idx, max_new_tokens, temperature, top_k, top_p,
-                                 seed, eos_id)
-    rng = row_rngs(seed, idx.shape[0])
-    done = np.zeros(idx.shape[0], dtype=bool)
-    for _ in range(max_new_tokens):
-        logits = model.forward(idx)[:, -1, :]                              # (B, V)
-        nxt = sample_next(logits, temperature, top_k, top_p, rng)
-        if eos_id is not None:
-            nxt = np.where(done, eos_id, nxt)
-            done |= nxt == eos_id
-        idx = np.concatenate([idx, nxt[:, None]], axis=1)                  # (B, T + 1)
-        if eos_id is not None and done.all():
-            break
-    return idx

@@ -34,7 +34,6 @@ import json
 import os
 import threading
 import time
-import uuid
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +43,8 @@ import numpy as np
 import regex
 
 from .backend import kernel
+from .files import atomic_write_text
+from .tour import Row, TourContext, technique
 
 # The exact pre-tokenizer regexes of tiktoken (r50k/gpt2 and cl100k/gpt4).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
@@ -363,8 +364,8 @@ class BPETokenizer:
     def save(self, path) -> None:
         """Write the tokenizer to ``path`` (text) and a vocab listing to ``path + '.vocab'``."""
         path = Path(path)
-        _atomic_write(path, self._format())
-        _atomic_write(Path(str(path) + ".vocab"), self._vocab_listing())
+        atomic_write_text(path, self._format())
+        atomic_write_text(Path(str(path) + ".vocab"), self._vocab_listing())
 
     def _format(self) -> str:
         identity = np.array_equal(self._byte_ids, np.arange(256))
@@ -430,12 +431,12 @@ class BPETokenizer:
         vocab = {spell[i]: i for i in sorted(spell)}
         vocab.update(self.special_tokens)
         merges = [f"{spell[a]} {spell[b]}" for a, b in self._merges.tolist()]
-        _atomic_write(directory / "vocab.json", json.dumps(vocab, ensure_ascii=False, indent=0))
-        _atomic_write(directory / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
-        _atomic_write(directory / "tokenizer.json", json.dumps(
+        atomic_write_text(directory / "vocab.json", json.dumps(vocab, ensure_ascii=False, indent=0))
+        atomic_write_text(directory / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
+        atomic_write_text(directory / "tokenizer.json", json.dumps(
             _hf_tokenizer_json(self.pattern, vocab, merges, self.special_tokens), ensure_ascii=False))
         eos = next(iter(self.special_tokens), None)
-        _atomic_write(directory / "tokenizer_config.json", json.dumps(
+        atomic_write_text(directory / "tokenizer_config.json", json.dumps(
             {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False,
              "model_max_length": 1024, **({"bos_token": eos, "eos_token": eos, "unk_token": eos} if eos else {})},
             indent=1))
@@ -566,19 +567,6 @@ def render_token(b: bytes) -> str:
     return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's printable spelling of each byte: printable Latin-1 bytes stand for
     themselves, the others are shifted to code points 256+ (so ``" "`` -> ``"Ġ"``)."""
@@ -701,3 +689,33 @@ def _parse(lines: list[str], where: str, cls):
         bad = regex.match(r"merge (\d+) ", str(exc))
         line = f":{first_merge_line + int(bad.group(1))}" if bad else ""
         raise ValueError(f"{where}{line}: inconsistent tokenizer: {exc}") from None
+
+
+# --- the tour row ----------------------------------------------------------------
+@technique("tokenizer", order=1)
+def tokenizer_row(ctx: TourContext) -> Row:
+    """The tour's BPE tokenizer vs the byte-level baseline (vocab 256, no merges):
+    encode throughput (MB/s, median of 3 on the active backend) and compression
+    (bytes per token) on the corpus; the model is the baseline's, unchanged."""
+    from . import backend
+    text = ctx.text[:200_000] if ctx.quick else ctx.text[:2_000_000]
+    nbytes = len(text.encode("utf-8"))
+
+    def measure(tok):
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            n = len(tok.encode(text, disallowed_special=()))
+            times.append(time.perf_counter() - t0)
+        return nbytes / float(np.median(times)) / 1e6, nbytes / n
+    bpe_mb_s, bpe_bpt = measure(ctx.tokenizer)
+    byte_mb_s, byte_bpt = measure(BPETokenizer([], ctx.tokenizer.pattern))
+    model = ctx.model
+    return Row("tokenizer", model.num_params(), model.nbytes(), None, None, None,
+               f"BPE V={ctx.tokenizer.vocab_size}: {bpe_bpt:.2f} bytes/token vs {byte_bpt:.2f} "
+               f"byte-level ({bpe_bpt / byte_bpt:.2f}x shorter sequences); encode {bpe_mb_s:.1f} MB/s "
+               f"vs {byte_mb_s:.1f} MB/s ({backend.current()})",
+               {"bpe_vocab": ctx.tokenizer.vocab_size, "bpe_bytes_per_token": bpe_bpt,
+                "byte_bytes_per_token": byte_bpt, "bpe_encode_mb_s": bpe_mb_s,
+                "byte_encode_mb_s": byte_mb_s, "measured_bytes": nbytes,
+                "backend": backend.current()})

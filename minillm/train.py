@@ -1,5 +1,21 @@
 """The training loop: batches -> loss and grads -> clip -> AdamW, with eval,
-checkpoints and an exact resume.
+checkpoints and an exact resume; the step has hooks for every technique.
+
+One step (``train_step``), and where a ``TrainHook`` plugs in:
+
+    B = hook.batch_size(step, B)              per-step batch size (adaptive batching)
+    x, y = batch of step s                    micro-batches of ``micro_batch_size`` rows,
+    loss, grads = hook.loss_and_grads(...)      gradients accumulated (weighted by rows);
+                  or model.loss_and_grads       the first hook that returns one supplies the loss
+    grads = hook.transform_grads(grads, ...)  in hook order: all-reduce, unscale, ...;
+                                              then ``ClipGradNorm`` (grad_clip) unless a hook is one
+    if any hook.skip(...): no update          (an fp16 overflow)
+    AdamW update of ``model.trainable()``
+    hook.after_update(model, ...)             (re-apply pruning masks)
+
+Hooks add numbers to the step's record (it lands in the history) and keep
+state through ``state_dict`` / ``load_state_dict``, saved in the checkpoint
+(``hooks.safetensors``), so a resumed run with stateful hooks is still exact.
 
 Reproducibility: the batch of step ``s`` is drawn from
 ``np.random.default_rng([seed, s])``, so no RNG state has to be carried across
@@ -27,7 +43,10 @@ import numpy as np
 
 from . import checkpoint
 from .data import get_batch
-from .optim import AdamW, clip_grad_norm, grad_norm, lr_schedule
+from .backend import to_numpy
+from .optim import AdamW, grad_norm, lr_schedule
+
+from .checks import check_int, check_optional_int
 
 TOKENIZER_FILE = "tokenizer.model"
 # Fields that may differ between a run and its resume without changing the losses.
@@ -50,6 +69,8 @@ class TrainConfig:
     eval_batches        batches per evaluation (fixed, so evaluations compare)
     checkpoint_interval save every this many steps (and after the last); 0 -> only at the end
     seed                seeds the batches (step s uses default_rng([seed, s]))
+    micro_batch_size    rows per forward/backward; a larger step batch is split and its
+                        gradients accumulated (None: the whole batch at once)
     """
 
     steps: int = 1000
@@ -66,6 +87,7 @@ class TrainConfig:
     eval_batches: int = 8
     checkpoint_interval: int = 0
     seed: int = 0
+    micro_batch_size: int | None = None
 
     def __post_init__(self):
         ints = (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("eval_interval", 0),
@@ -75,10 +97,9 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
                 raise ValueError(f"{name}={value!r} must be an int >= {lo}")
             object.__setattr__(self, name, int(value))
-        if self.seq_len is not None and (isinstance(self.seq_len, bool)
-                                         or not isinstance(self.seq_len, (int, np.integer))
-                                         or self.seq_len < 1):
-            raise ValueError(f"seq_len={self.seq_len!r} must be an int >= 1 or None")
+        for name in ("seq_len", "micro_batch_size"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, check_int(f"{name} (or None)", getattr(self, name), 1))
         _check_number("lr", self.lr, lambda x: x > 0, "> 0")
         if self.min_lr is not None:
             _check_number("min_lr", self.min_lr, lambda x: 0 <= x <= self.lr, f"in [0, lr={self.lr}]")
@@ -152,6 +173,82 @@ class TrainResult:
         return self.evals[-1]["val_loss"] if self.evals else None
 
 
+# --- hooks: the seams of the training step ------------------------------------------------
+class TrainHook:
+    """One technique's part of the training step; override only what it needs.
+
+    ``name`` keys the hook's state in the checkpoint (unique among the hooks of
+    a run). ``record`` is the step's history record: a hook may add JSON-able
+    numbers to it (and read what earlier hooks wrote, e.g. ``grad_norm``).
+    """
+
+    name = "hook"
+
+    def batch_size(self, step: int, batch_size: int) -> int:
+        """Rows of the batch of 0-based ``step`` (``batch_size``: what earlier hooks chose)."""
+        return batch_size
+
+    def loss_and_grads(self, model, x, y, step: int):
+        """``(loss, grads)`` for one (micro-)batch, or None to leave it to the next hook
+        (and finally to ``model.loss_and_grads``). grads: ``model.trainable()``'s keys."""
+        return None
+
+    def transform_grads(self, grads: dict, step: int, record: dict) -> dict:
+        """Return the gradients to use (unscaled, all-reduced, clipped, ...)."""
+        return grads
+
+    def skip(self, step: int, record: dict) -> bool:
+        """True to skip this step's parameter update (e.g. the gradients overflowed)."""
+        return False
+
+    def after_update(self, model, step: int, record: dict) -> None:
+        """Runs after the optimizer updated the parameters (e.g. re-apply masks)."""
+
+    def state_dict(self) -> dict:
+        """``{key: ndarray}``: what this hook must carry across a checkpoint for an exact resume."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``'s output (called on resume before the first step)."""
+
+
+class ClipGradNorm(TrainHook):
+    """Scale all gradients so their global L2 norm is at most ``max_norm`` (None: only
+    measure it); records ``grad_norm`` (before clipping). ``norm`` computes the global
+    norm (tensor parallelism passes one that sums over ranks)."""
+
+    name = "clip"
+
+    def __init__(self, max_norm: float | None, norm=grad_norm):
+        self.max_norm, self.norm = max_norm or None, norm
+
+    def transform_grads(self, grads, step, record):
+        total = self.norm(grads)
+        if self.max_norm is not None and total > self.max_norm:
+            scale = self.max_norm / total
+            for g in grads.values():
+                g *= scale
+        record["grad_norm"] = float(total)
+        return grads
+
+
+def step_hooks(tcfg: "TrainConfig", hooks=()) -> list:
+    """The run's hooks in order: the given ones, then ``ClipGradNorm(tcfg.grad_clip)``
+    unless one of them clips already. Names must be unique (they key saved state)."""
+    hooks = list(hooks)
+    for h in hooks:
+        if not isinstance(h, TrainHook):
+            raise ValueError(f"hooks must be TrainHook instances, got {type(h).__name__}")
+    if not any(isinstance(h, ClipGradNorm) for h in hooks):
+        hooks.append(ClipGradNorm(tcfg.grad_clip))
+    names = [h.name for h in hooks]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup or not all(isinstance(n, str) and n.isidentifier() for n in names):
+        raise ValueError(f"hook names {names} must be distinct identifiers (they key the "
+                         f"checkpoint's hook state); repeated: {dup}")
+    return hooks
+
+
 def evaluate(model, data, batch_size: int, seq_len: int, n_batches: int, seed: int = 0) -> float:
     """Mean loss over ``n_batches`` batches of ``data`` drawn with ``default_rng(seed)``.
 
@@ -171,8 +268,8 @@ def batch_rng(seed: int, step: int) -> np.random.Generator:
 
 
 def train(model, train_data, val_data, tcfg: TrainConfig, out_dir=None, resume: bool = False,
-          progress: bool = True, tokenizer=None, log: Callable[[dict], None] | None = None
-          ) -> TrainResult:
+          progress: bool = True, tokenizer=None, log: Callable[[dict], None] | None = None,
+          hooks=()) -> TrainResult:
     """Train ``model`` in place on ``train_data`` (1-D int ids) for ``tcfg.steps`` steps.
 
     ``val_data`` (or None) is evaluated every ``tcfg.eval_interval`` steps and at
@@ -182,18 +279,21 @@ def train(model, train_data, val_data, tcfg: TrainConfig, out_dir=None, resume: 
     ``out_dir`` and continues from its step exactly: the train config must be
     the saved one except ``steps``, ``eval_*`` and ``checkpoint_interval``
     (a new ``steps`` extends the run; the cosine then spans the new total).
-    ``log`` is called with every step's and evaluation's record.
+    ``log`` is called with every step's and evaluation's record. ``hooks``:
+    ``TrainHook``s that change the step (see the module docstring); their state
+    is saved with every checkpoint and restored on resume.
     """
     seq_len = _check_train_args(model, train_data, val_data, tcfg, out_dir, resume)
-    opt = AdamW(model.params, lr=tcfg.lr, betas=tcfg.betas, eps=tcfg.eps,
+    hooks = step_hooks(tcfg, hooks)
+    opt = AdamW(model.trainable(), lr=tcfg.lr, betas=tcfg.betas, eps=tcfg.eps,
                 weight_decay=tcfg.weight_decay)
     history, evals, start = ([], [], 0)
     if resume:
-        history, evals, start = _restore(model, opt, tcfg, out_dir)
+        history, evals, start = _restore(model, opt, tcfg, out_dir, hooks)
     t0 = time.perf_counter()
     with _progress_bar(tcfg.steps, start, progress) as bar:
         for step in range(start, tcfg.steps):
-            record = train_step(model, opt, train_data, tcfg, seq_len, step)
+            record = train_step(model, opt, train_data, tcfg, seq_len, step, hooks)
             history.append(record)
             _emit(log, record)
             done, last = step + 1, step + 1 == tcfg.steps
@@ -203,29 +303,87 @@ def train(model, train_data, val_data, tcfg: TrainConfig, out_dir=None, resume: 
                 _emit(log, evals[-1])
                 postfix["val"] = f"{evals[-1]['val_loss']:.4f}"
             if out_dir is not None and _due(done, tcfg.checkpoint_interval, last):
-                save_checkpoint(out_dir, model, opt, tcfg, done, history, evals, tokenizer)
+                save_checkpoint(out_dir, model, opt, tcfg, done, history, evals, tokenizer, hooks)
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
     return TrainResult(history, evals, time.perf_counter() - t0, model, start)
 
 
-def train_step(model, opt: AdamW, train_data, tcfg: TrainConfig, seq_len: int, step: int) -> dict:
-    """One update (0-based ``step``): batch, loss and grads, clip, AdamW -> the step's record."""
+def train_step(model, opt: AdamW, train_data, tcfg: TrainConfig, seq_len: int, step: int,
+               hooks=None) -> dict:
+    """One update (0-based ``step``): batch, loss and grads, hooks, AdamW -> the step's record.
+
+    ``hooks``: the run's hooks in order (``step_hooks``; None: just the clipping of
+    ``tcfg.grad_clip``).
+    """
+    hooks = step_hooks(tcfg) if hooks is None else hooks
     t0 = time.perf_counter()
-    x, y = get_batch(train_data, tcfg.batch_size, seq_len, batch_rng(tcfg.seed, step))  # (B, T)
-    loss, grads = model.loss_and_grads(x, y)
+    B = tcfg.batch_size
+    for h in hooks:
+        B = check_int(f"batch size from hook {h.name!r}", h.batch_size(step, B), 1)
+    x, y = get_batch(train_data, B, seq_len, batch_rng(tcfg.seed, step))          # (B, T)
+    loss, grads = accumulated_loss_and_grads(model, x, y, step, hooks, tcfg.micro_batch_size)
     if not math.isfinite(loss):
         raise RuntimeError(f"loss is {loss} at step {step + 1}: training diverged; "
                            f"try a lower lr (now {tcfg.lr}) or grad_clip")
-    if tcfg.grad_clip:
-        norm = clip_grad_norm(grads, tcfg.grad_clip)
-    else:
-        norm = grad_norm(grads)
     lr = tcfg.lr_at(step)
-    opt.step(model.params, grads, lr)
+    record = {"step": step + 1, "loss": float(loss), "lr": float(lr), "batch_size": B}
+    for h in hooks:
+        grads = h.transform_grads(grads, step, record)
+        _check_grads(grads, model, f"hook {h.name!r} transform_grads")
+    record["skipped"] = any([bool(h.skip(step, record)) for h in hooks])
+    if not record["skipped"]:
+        opt.step(model.trainable(), grads, lr)
+        for h in hooks:
+            h.after_update(model, step, record)
     dt = time.perf_counter() - t0
-    return {"step": step + 1, "loss": float(loss), "lr": float(lr), "grad_norm": float(norm),
-            "tokens_per_s": float(x.size / dt) if dt > 0 else float("inf")}
+    record["tokens_per_s"] = float(x.size / dt) if dt > 0 else float("inf")
+    return record
+
+
+def accumulated_loss_and_grads(model, x, y, step: int, hooks=(), micro_batch_size=None):
+    """Loss and grads of the batch x, y (B, T), in micro-batches of at most
+    ``micro_batch_size`` rows whose gradients are summed with weights rows / B
+    (equal, up to rounding, to the whole batch at once: the loss is a mean)."""
+    B = x.shape[0]
+    size = B if micro_batch_size is None else min(micro_batch_size, B)
+    loss, grads = 0.0, None
+    for r0 in range(0, B, size):
+        xm, ym = x[r0:r0 + size], y[r0:r0 + size]
+        lm, gm = _loss_and_grads(model, xm, ym, step, hooks)
+        w = xm.shape[0] / B
+        loss += w * lm
+        if grads is None:
+            grads = gm if w == 1 else {k: g * g.dtype.type(w) for k, g in gm.items()}
+        else:
+            for k, g in gm.items():
+                grads[k] += g * g.dtype.type(w)
+    return loss, grads
+
+
+def _loss_and_grads(model, x, y, step, hooks):
+    """The first hook's loss that answers, else the model's cross-entropy."""
+    for h in hooks:
+        out = h.loss_and_grads(model, x, y, step)
+        if out is not None:
+            loss, grads = out
+            _check_grads(grads, model, f"hook {h.name!r} loss_and_grads")
+            return float(loss), grads
+    return model.loss_and_grads(x, y)
+
+
+def _check_grads(grads, model, who: str) -> None:
+    """Gradients must name exactly the trainable parameters, with their shapes."""
+    if not isinstance(grads, dict):
+        raise ValueError(f"{who} returned {type(grads).__name__}, not a dict of gradients")
+    want = model.trainable()
+    if set(grads) != set(want):
+        raise ValueError(f"{who} returned gradients for the wrong keys: missing "
+                         f"{sorted(set(want) - set(grads))[:5]}, unexpected {sorted(set(grads) - set(want))[:5]}")
+    bad = [k for k, g in grads.items() if tuple(g.shape) != tuple(want[k].shape)]
+    if bad:
+        raise ValueError(f"{who} returned gradient {bad[0]!r} of shape {tuple(grads[bad[0]].shape)}; "
+                         f"the parameter is {tuple(want[bad[0]].shape)}")
 
 
 def _evaluate_record(model, val_data, tcfg: TrainConfig, seq_len: int, step: int) -> dict:
@@ -275,16 +433,47 @@ def _check_train_args(model, train_data, val_data, tcfg, out_dir, resume) -> int
 
 # --- checkpoints ------------------------------------------------------------------
 def save_checkpoint(out_dir, model, opt: AdamW, tcfg: TrainConfig, step: int,
-                    history: list, evals: list, tokenizer=None) -> None:
+                    history: list, evals: list, tokenizer=None, hooks=()) -> None:
     """Write the resumable state after ``step`` updates to ``out_dir`` (atomically)."""
     meta = {"step": step, "train_config": tcfg.to_dict(), "history": history, "evals": evals,
             "rng": {"scheme": "batch of step s ~ numpy default_rng([seed, s])", "seed": tcfg.seed},
-            "tokenizer": TOKENIZER_FILE if tokenizer is not None else None}
+            "tokenizer": TOKENIZER_FILE if tokenizer is not None else None,
+            "hooks": [h.name for h in hooks]}
     files = {TOKENIZER_FILE: tokenizer.save} if tokenizer is not None else None
-    model.save(out_dir, extra={"optimizer": opt.state_dict()}, meta=meta, files=files)
+    extra = {"optimizer": opt.state_dict()}
+    state = hook_state(hooks)
+    if state:                                # (safetensors cannot hold an empty file)
+        extra["hooks"] = state
+    model.save(out_dir, extra=extra, meta=meta, files=files)
 
 
-def _restore(model, opt: AdamW, tcfg: TrainConfig, out_dir) -> tuple[list, list, int]:
+def hook_state(hooks) -> dict:
+    """``{"<hook name>.<key>": array}`` of every hook's ``state_dict`` (checked)."""
+    out = {}
+    for h in hooks:
+        state = h.state_dict()
+        if not isinstance(state, dict) or not all(isinstance(k, str) and hasattr(v, "dtype")
+                                                  for k, v in state.items()):
+            raise ValueError(f"hook {h.name!r} state_dict() must return {{str: array}}, got {state!r:.80}")
+        out.update({f"{h.name}.{k}": np.asarray(to_numpy(v)) for k, v in state.items()})
+    return out
+
+
+def _restore_hooks(hooks, saved: dict, names: list, out_dir) -> None:
+    if names != [h.name for h in hooks]:
+        raise ValueError(f"checkpoint {str(out_dir)!r} was trained with hooks {names}, not "
+                         f"{[h.name for h in hooks]}: it cannot be resumed exactly with others")
+    for h in hooks:
+        prefix = h.name + "."
+        state = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
+        want = set(h.state_dict())
+        if set(state) != want:
+            raise ValueError(f"checkpoint {str(out_dir)!r}: hook {h.name!r} saved state keys "
+                             f"{sorted(state)}, it now has {sorted(want)}")
+        h.load_state_dict(state)
+
+
+def _restore(model, opt: AdamW, tcfg: TrainConfig, out_dir, hooks=()) -> tuple[list, list, int]:
     """Load parameters, optimizer state and history from ``out_dir`` into ``model``/``opt``."""
     out_dir = Path(out_dir)
     saved = checkpoint.load(out_dir)
@@ -300,6 +489,8 @@ def _restore(model, opt: AdamW, tcfg: TrainConfig, out_dir) -> tuple[list, list,
     for name, array in saved.params.items():
         model.params[name][...] = xp.asarray(array)           # in place: keeps the arrays
     opt.load_state_dict(state)
+    _restore_hooks(hooks, checkpoint.load_extra(out_dir, "hooks") or {},
+                   meta.get("hooks", [h.name for h in hooks]), out_dir)
     step = int(meta["step"])
     if opt.t != step:
         raise ValueError(f"checkpoint {str(out_dir)!r} is inconsistent: meta step {step}, "

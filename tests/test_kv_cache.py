@@ -6,13 +6,15 @@ Properties (hypothesis over random configs, prompts and lengths):
   (max |diff| <= 1e-5 * max |ref| in float32, 1e-12 in float64);
 - greedy ids and seeded samples are identical with and without the cache;
 - a batch of prompts of different lengths gives each prompt's own output;
-- the Numba twins equal the reference kernels.
+- the Numba twin equals the reference kernel;
+- rows come and go: a row admitted into a running batch (``KVCache.rows``) or freed
+  decodes exactly as it would alone, and the other rows are undisturbed.
 """
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from minillm import GPT, GPTConfig, backend, kv_cache
+from minillm import GPT, GPTConfig, backend, generation, kv_cache
 from minillm.kv_cache import KVCache
 from tests.helpers import assert_close
 
@@ -57,8 +59,10 @@ def test_cache_bytes_formula_and_dtype(case, B, data):
     cache = KVCache(cfg, B, S_max)
     L, H, D = cfg.n_layer, cfg.n_head, cfg.head_size
     assert cache.nbytes == 2 * L * B * H * S_max * D * cfg.np_dtype.itemsize
-    assert cache.k.dtype == cache.v.dtype == cfg.np_dtype
-    assert cache.k.shape == (L, B, H, S_max, D)
+    assert len(cache.layers) == L
+    for k, v in cache.layers:
+        assert k.dtype == v.dtype == cfg.np_dtype
+        assert k.shape == v.shape == (B, H, S_max, D)
 
 
 # --- cached == full forward, step by step -------------------------------------------
@@ -125,11 +129,11 @@ def test_batched_prompts_equal_each_prompt_alone(case, lengths, temperature, see
     prompts = [rng.integers(0, cfg.vocab_size, n) for n in lengths]
     n_new = cfg.block_size - max(lengths)
     eos = int(rng.integers(0, cfg.vocab_size)) if use_eos else None
-    batch = kv_cache.generate_batch(model, prompts, n_new, temperature, seed=seed, eos_id=eos)
+    batch = generation.generate_batch(model, prompts, n_new, temperature, seed=seed, eos_id=eos)
     for b, prompt in enumerate(prompts):
         # row b of a batch seeded s draws from default_rng([s, b]) (sampling.row_rngs)
         alone = model.generate(prompt[None], n_new, temperature, seed=[[seed, b]], eos_id=eos)[0]
-        np.testing.assert_array_equal(batch[b], kv_cache.trim_eos(alone, len(prompt), eos))
+        np.testing.assert_array_equal(batch[b], generation.trim_eos(alone, len(prompt), eos))
         np.testing.assert_array_equal(batch[b][:len(prompt)], prompt)
 
 
@@ -158,8 +162,8 @@ def test_max_new_tokens_zero_returns_the_prompt():
     (lambda m: m.generate(np.zeros((1, 65), int), 1), "block_size"),
     (lambda m: m.generate(np.zeros((1, 60), int), 5), "exceeds block_size"),
     (lambda m: m.generate(np.zeros((1, 0), int), 5), "non-empty"),
-    (lambda m: kv_cache.generate_batch(m, [np.array([1]), np.array([], int)], 2), "empty"),
-    (lambda m: kv_cache.generate_batch(m, [], 2), "non-empty list"),
+    (lambda m: generation.generate_batch(m, [np.array([1]), np.array([], int)], 2), "empty"),
+    (lambda m: generation.generate_batch(m, [], 2), "non-empty list"),
     (lambda m: m.generate(np.zeros((1, 3), int), 2, temperature=-1), "temperature"),
     (lambda m: m.generate(np.zeros((1, 3), int), 2, top_k=0), "top_k"),
     (lambda m: m.generate(np.zeros((1, 3), int), 2, top_p=0.0), "top_p"),
@@ -168,10 +172,10 @@ def test_max_new_tokens_zero_returns_the_prompt():
     (lambda m: m.generate(np.array([[1, -1]]), 2), "outside"),
     (lambda m: m.generate(np.zeros((2, 3), int), 2, seed=[1]), "seed"),
     (lambda m: m.generate(np.zeros((1, 3), int), 2, seed=-3), "seed"),
-    (lambda m: kv_cache.generate(m, np.zeros((2, 3), int), 2, lengths=[3, 0]), "lengths"),
-    (lambda m: kv_cache.generate(m, np.zeros((2, 3), int), 2, lengths=[3, 4]), "lengths"),
-    (lambda m: kv_cache.generate(m, np.zeros((2, 3), int), 2, lengths=[3]), "lengths"),
-    (lambda m: kv_cache.generate(m, np.zeros((1, 60), int), 5), "exceeds block_size"),
+    (lambda m: generation.generate(m, np.zeros((2, 3), int), 2, lengths=[3, 0]), "lengths"),
+    (lambda m: generation.generate(m, np.zeros((2, 3), int), 2, lengths=[3, 4]), "lengths"),
+    (lambda m: generation.generate(m, np.zeros((2, 3), int), 2, lengths=[3]), "lengths"),
+    (lambda m: generation.generate(m, np.zeros((1, 60), int), 5), "exceeds block_size"),
     (lambda m: KVCache(m.config, 1, 65), "max_len"),
     (lambda m: KVCache(m.config, 0, 8), "batch_size"),
     (lambda m: kv_cache.prefill(m, KVCache(m.config, 1, 2), np.zeros((1, 3), int)), "cache holds"),
@@ -189,7 +193,7 @@ def test_decode_step_on_a_full_cache_raises():
     with pytest.raises(ValueError, match="cache is full"):
         kv_cache.decode_step(model, cache, np.array([4]))
     cache.reset()                                # rows forgotten, memory kept
-    assert (cache.lengths == 0).all() and cache.k.shape[3] == 3
+    assert (cache.lengths == 0).all() and cache.layers[0][0].shape[2] == 3
     ref = model.forward(np.array([[7]]))[:, -1]
     assert_close("logits after reset", kv_cache.decode_step(model, cache, np.array([7])), ref)
     with pytest.raises(ValueError, match="rows"):
@@ -213,8 +217,8 @@ def test_numba_append_attend_equals_reference(B, T, H, D, dtype, seed):
     k0 = rng.standard_normal((B, H, S_max, D)).astype(dtype)
     v0 = rng.standard_normal((B, H, S_max, D)).astype(dtype)
     k1, v1, k2, v2 = k0.copy(), v0.copy(), k0.copy(), v0.copy()
-    ref = backend.reference("kv_cache.append_attend")(qkv, k1, v1, pos, H)
-    got = backend.twin("numba", "kv_cache.append_attend")(qkv, k2, v2, pos, H)
+    ref = backend.reference("attention.append_attend")(qkv, k1, v1, pos, H)
+    got = backend.twin("numba", "attention.append_attend")(qkv, k2, v2, pos, H)
     assert got.dtype == ref.dtype == np.dtype(dtype)
     assert_close("append_attend y", got, ref)
     assert_close("k cache", k2, k1)
@@ -222,27 +226,13 @@ def test_numba_append_attend_equals_reference(B, T, H, D, dtype, seed):
 
 
 @needs_numba
-@given(B=st.integers(1, 3), C=st.integers(2, 40), V=st.integers(1, 50),
-       dtype=st.sampled_from(["float32", "float64"]), seed=st.integers(0, 1000))
-@settings(deadline=None, max_examples=15)
-def test_numba_head_equals_reference(B, C, V, dtype, seed):
-    rng = np.random.default_rng(seed)
-    x, w, b = (rng.standard_normal(s).astype(dtype) for s in ((B, C), (C,), (C,)))
-    wte = rng.standard_normal((V, C)).astype(dtype)
-    ref = backend.reference("kv_cache.head")(x, w, b, wte, 1e-5)
-    got = backend.twin("numba", "kv_cache.head")(x, w, b, wte, 1e-5)
-    assert got.dtype == ref.dtype == np.dtype(dtype)
-    assert_close("head logits", got, ref)
-
-
-@needs_numba
 def test_generation_under_numba_equals_numpy():
     cfg = GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=16, dtype="float64")
     model = perturbed(cfg, 5)
     prompts = [np.arange(1, 6), np.arange(7, 9), np.array([3])]
-    ref = kv_cache.generate_batch(model, prompts, 20, temperature=1.0, top_k=8, seed=2)
+    ref = generation.generate_batch(model, prompts, 20, temperature=1.0, top_k=8, seed=2)
     with backend.use("numba"):
-        got = kv_cache.generate_batch(model, prompts, 20, temperature=1.0, top_k=8, seed=2)
+        got = generation.generate_batch(model, prompts, 20, temperature=1.0, top_k=8, seed=2)
         greedy = model.generate(np.array([[1, 2, 3]]), 20, temperature=0)
     for b in range(len(prompts)):
         np.testing.assert_array_equal(got[b], ref[b])
@@ -253,8 +243,57 @@ def test_generation_under_numba_equals_numpy():
 def test_numba_append_attend_refuses_slots_outside_the_cache():
     # compiled loops have no bounds checks: the wrapper must refuse before writing
     qkv = np.zeros((1, 2, 12), np.float32)
-    k, v = np.zeros((2, 1, 2, 3, 2), np.float32)
-    twin = backend.twin("numba", "kv_cache.append_attend")
+    k, v = np.zeros((2, 1, 2, 3, 2), np.float32)          # (B, H, S_max, D) each
+    twin = backend.twin("numba", "attention.append_attend")
     for pos in ([2], [-1]):
         with pytest.raises(IndexError, match="outside"):
             twin(qkv, k, v, np.array(pos), 2)
+
+
+# --- rows that come and go (continuous batching's seam) ---------------------------------------
+@given(case=configs(dtype="float64"), data=st.data())
+@settings(deadline=None, max_examples=10)
+def test_a_row_admitted_mid_decode_equals_that_prompt_alone(case, data):
+    """Row 0 decodes; after k steps a new prompt is prefilled into row 1 (a view) and both
+    continue. Each row's logits equal its own full forward at every step."""
+    cfg, seed = case
+    model = perturbed(cfg, seed)
+    rng = np.random.default_rng(seed)
+    T0 = data.draw(st.integers(1, cfg.block_size // 2), label="T0")
+    T1 = data.draw(st.integers(1, cfg.block_size // 2), label="T1")
+    k = data.draw(st.integers(0, cfg.block_size - T0 - 2), label="k")
+    n = data.draw(st.integers(1, min(cfg.block_size - T0 - k, cfg.block_size - T1)), label="n")
+    cache = KVCache.for_model(model, 2, cfg.block_size)
+    seq0 = rng.integers(0, cfg.vocab_size, (1, T0))
+    logits0 = kv_cache.prefill(model, cache.rows(slice(0, 1)), seq0)                # row 1 stays free
+    active = np.array([True, False])
+    for _ in range(k):                                                            # row 1 idles
+        nxt = rng.integers(0, cfg.vocab_size, 1)
+        seq0 = np.concatenate([seq0, nxt[None]], axis=1)
+        logits0 = kv_cache.decode_step(model, cache, np.array([nxt[0], 0]), active)[:1]
+    assert cache.lengths.tolist() == [T0 + k, 0]
+    seq1 = rng.integers(0, cfg.vocab_size, (1, T1))
+    logits1 = kv_cache.prefill(model, cache.rows(slice(1, 2)), seq1)              # admitted
+    assert cache.lengths.tolist() == [T0 + k, T1]
+    for step in range(n):
+        assert_rel(f"row 0 at step {step}", logits0[0], model.forward(seq0)[0, -1], "float64")
+        assert_rel(f"row 1 at step {step}", logits1[0], model.forward(seq1)[0, -1], "float64")
+        if step == n - 1:
+            break
+        nxt = rng.integers(0, cfg.vocab_size, 2)
+        seq0 = np.concatenate([seq0, nxt[None, :1]], axis=1)
+        seq1 = np.concatenate([seq1, nxt[None, 1:]], axis=1)
+        both = kv_cache.decode_step(model, cache, nxt)
+        logits0, logits1 = both[:1], both[1:]
+    cache.free(0)
+    assert cache.lengths.tolist() == [0, T1 + n - 1]
+
+
+def test_rows_view_refuses_what_would_copy():
+    model = GPT(GPTConfig.preset("tiny"), seed=0)
+    cache = KVCache.for_model(model, 3, 8)
+    for bad in ([0, 2], slice(0, 3, 2), 1, slice(3, 5)):
+        with pytest.raises(ValueError, match="rows"):
+            cache.rows(bad)
+    with pytest.raises(ValueError, match="active"):
+        kv_cache.decode_step(model, cache, np.zeros(3, int), active=np.ones(2, bool))

@@ -33,9 +33,29 @@ def test_embedding_backward(seed, B, T_max, V, C, data):
     wte, wpe = rng.standard_normal((V, C)), rng.standard_normal((T_max, C))
     out, cache = layers.embedding_forward(idx, wte, wpe, pos0)
     dout = rng.standard_normal(out.shape)
-    dwte, dwpe = layers.embedding_backward(dout, cache, pos0)
+    dwte, dwpe = layers.embedding_backward(dout, cache)
     f = linear_sum(lambda: layers.embedding_forward(idx, wte, wpe, pos0), dout)
     check_grads("embedding", f, [wte, wpe], [dwte, dwpe])
+
+
+@given(seed=seeds, B=st.integers(1, 3), T_max=st.integers(2, 6), C=st.integers(1, 4),
+       data=st.data())
+@FD
+def test_embedding_with_one_start_position_per_row(seed, B, T_max, C, data):
+    """Decoding embeds each row at its own position: row b equals that row embedded alone."""
+    rng = np.random.default_rng(seed)
+    T = data.draw(st.integers(1, T_max - 1), label="T")
+    pos = rng.integers(0, T_max - T + 1, size=B)                       # (B,) starts
+    idx = rng.integers(0, 5, size=(B, T))
+    wte, wpe = rng.standard_normal((5, C)), rng.standard_normal((T_max, C))
+    out, cache = layers.embedding_forward(idx, wte, wpe, pos)
+    for b in range(B):
+        alone, _ = layers.embedding_forward(idx[b:b + 1], wte, wpe, int(pos[b]))
+        assert_close(f"row {b}", out[b:b + 1], alone)
+    dout = rng.standard_normal(out.shape)
+    dwte, dwpe = layers.embedding_backward(dout, cache)
+    f = linear_sum(lambda: layers.embedding_forward(idx, wte, wpe, pos), dout)
+    check_grads("embedding per row", f, [wte, wpe], [dwte, dwpe])
 
 
 @given(seed=seeds, lead=lead_shapes, Cin=st.integers(1, 5), Cout=st.integers(1, 5),
@@ -175,7 +195,7 @@ def _all_outputs(rng, dtype):
     idx = rng.integers(0, 5, size=(2, 3))
     y, c = layers.embedding_forward(idx, a(5, 4), a(6, 4), 1)
     out["embedding_forward"] = [y]
-    out["embedding_backward"] = list(layers.embedding_backward(a(2, 3, 4), c, 1))
+    out["embedding_backward"] = list(layers.embedding_backward(a(2, 3, 4), c))
     for b in (a(4), None):
         y, c = layers.linear_forward(a(2, 3, 6), a(6, 4), b)
         out[f"linear_forward bias={b is not None}"] = [y]
