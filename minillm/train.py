@@ -492,8 +492,10 @@ def _restore(model, opt: AdamW, tcfg: TrainConfig, out_dir, hooks=()) -> tuple[l
     _restore_hooks(hooks, checkpoint.load_extra(out_dir, "hooks") or {},
                    meta.get("hooks", [h.name for h in hooks]), out_dir)
     step = int(meta["step"])
-    if opt.t != step:
+    updates = sum(not h.get("skipped", False) for h in meta["history"])   # skipped steps made none
+    if opt.t != updates or len(meta["history"]) != step:
         raise ValueError(f"checkpoint {str(out_dir)!r} is inconsistent: meta step {step}, "
+                         f"{len(meta['history'])} history records, {updates} updates, "
                          f"optimizer step {opt.t}")
     return list(meta["history"]), list(meta["evals"]), step
 

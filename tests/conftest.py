@@ -14,6 +14,10 @@ import numpy as np
 import pytest
 
 from minillm import backend
+from tests import standin
+
+# The device stand-in (CuPy's rules on NumPy): registered once for the whole session.
+backend.register_backend("standin", standin)
 
 
 @functools.lru_cache(maxsize=None)

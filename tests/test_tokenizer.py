@@ -377,10 +377,10 @@ def test_cli_train_encode_decode_info(tmp_path, capsys, monkeypatch):
 def test_tour_row(tok, corpus):
     from types import SimpleNamespace
 
-    from minillm import report
+    from minillm import tour
     model = mm.GPT(mm.GPTConfig.preset("tiny", vocab_size=tok.vocab_size), seed=0)
     ctx = SimpleNamespace(text=corpus, tokenizer=tok, model=model, quick=True)
-    row = report.TECHNIQUES["tokenizer"](ctx)
+    row = tour.TECHNIQUES["tokenizer"](ctx)
     assert row.technique == "tokenizer" and row.params == model.num_params()
     assert row.extra["byte_bytes_per_token"] == 1.0            # ASCII corpus: one byte per id
     n = len(tok.encode(corpus, disallowed_special=()))

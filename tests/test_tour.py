@@ -139,6 +139,7 @@ def test_row_function_must_return_rows(tmp_path, monkeypatch):
 
 def test_technique_decorator_registers_and_refuses_duplicates(monkeypatch):
     monkeypatch.setattr(tour, "TECHNIQUES", {})
+    monkeypatch.setattr(tour, "ORDER", {})
 
     @tour.technique("one")
     def one(ctx):
@@ -196,3 +197,158 @@ def test_backend_choice(monkeypatch):
     assert tour.pick_backend(None, quick=False) == ("numba" if numba_ok else "numpy")
     monkeypatch.setenv("MINILLM_BACKEND", "numpy")
     assert tour.pick_backend(None, quick=False) == "numpy"
+
+
+# --- collecting rows: every module imported, a fixed order ---------------------------
+def test_collect_registers_the_rows_of_technique_modules_in_table_order():
+    assert tour.collect() == {}, "a minillm module failed to import"
+    names = tour.ordered_names()
+    assert names[:2] == ["tokenizer", "kv_cache"]                      # chapters 01, 02
+    from minillm import kv_cache, tokenizer
+    assert tour.TECHNIQUES["tokenizer"] is tokenizer.tokenizer_row
+    assert tour.TECHNIQUES["kv_cache"] is kv_cache.kv_cache_row
+
+
+def test_order_does_not_depend_on_registration_order(monkeypatch):
+    def row(ctx):
+        return []
+    orders = {}
+    for names in (["b", "late", "a", "first"], ["first", "a", "late", "b"]):
+        monkeypatch.setattr(tour, "TECHNIQUES", {})
+        monkeypatch.setattr(tour, "ORDER", {})
+        for name in names:
+            tour.technique(name, **({"order": 1} if name == "first" else
+                                    {"order": 500} if name == "late" else {}))(row)
+        orders[tuple(names)] = tour.ordered_names()
+    assert list(orders.values()) == [["first", "a", "b", "late"]] * 2
+    with pytest.raises(ValueError, match="order="):
+        tour.technique("x", order=1.5)
+
+
+def test_module_that_fails_to_import_becomes_an_error_row(tmp_path, monkeypatch):
+    monkeypatch.setattr(tour, "collect", lambda: {"broken": ImportError("no module named nope")})
+    monkeypatch.setattr(tour, "TECHNIQUES", {})
+    rows = quick_tour(tmp_path)
+    assert [r.technique for r in rows] == ["baseline", "broken"]
+    assert "cannot import minillm.broken: ImportError: no module named nope" in rows[1].notes
+    assert rows[1].extra["error"] is True and rows[1].params is None
+    with pytest.raises(ValueError, match="broken failed to import"):
+        quick_tour(tmp_path, techniques=["from_broken"])
+
+
+# --- time budgets ----------------------------------------------------------------------
+def test_row_budget_is_a_share_of_what_is_left_with_a_floor():
+    assert tour.row_budget_s(False, 70.0, 4) == pytest.approx((tour.TOUR_BUDGET_S - 70.0) / 4)
+    assert tour.row_budget_s(False, 1e4, 2) == tour.MIN_ROW_BUDGET_S
+    assert tour.row_budget_s(True, 0.0, 1) == tour.QUICK_TOUR_BUDGET_S
+    assert tour.row_budget_s(True, 0.0, 3) < tour.row_budget_s(False, 0.0, 3)
+
+
+def test_each_row_is_told_its_budget(tmp_path, monkeypatch):
+    seen = []
+
+    def record(ctx):
+        seen.append(ctx.budget_s)
+        return Row("budget", 1, 1, None, None, None)
+    monkeypatch.setitem(tour.TECHNIQUES, "test_budget_a", record)
+    monkeypatch.setitem(tour.TECHNIQUES, "test_budget_b", record)
+    quick_tour(tmp_path, techniques=["test_budget_a", "test_budget_b"])
+    assert len(seen) == 2
+    assert all(tour.QUICK_MIN_ROW_BUDGET_S <= b <= tour.QUICK_TOUR_BUDGET_S for b in seen)
+
+
+# --- ctx.cached_model: a technique's trained model, cached like the baseline -------------
+CFG = mm.GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16)
+
+
+class Builder:
+    """A tiny stand-in for a training run: records its calls, returns a seeded GPT."""
+
+    def __init__(self):
+        self.budgets = []
+
+    def __call__(self, budget_s: float):
+        self.budgets.append(budget_s)
+        return mm.GPT(CFG, seed=len(self.budgets))
+
+
+def context(tmp_path, cache_dir="default", budget_s=2.5, log=None):
+    ids = np.arange(100, dtype=np.int32) % CFG.vocab_size
+    return tour.TourContext(model=mm.GPT(CFG, seed=0), tokenizer=None, train_ids=ids, val_ids=ids,
+                            text="", baseline=None, out_dir=tmp_path, quick=True, seed=0,
+                            budget_s=budget_s, log=log or (lambda m: None),
+                            cache_dir=tmp_path / "techniques" if cache_dir == "default" else cache_dir)
+
+
+def test_cached_model_is_built_once_then_reused(tmp_path):
+    ctx, build = context(tmp_path), Builder()
+    first = ctx.cached_model("toy", {"steps": 3}, build)
+    assert build.budgets == [2.5]                                     # ctx.budget_s passed through
+    (entry,) = (tmp_path / "techniques").iterdir()
+    assert entry.name.startswith("toy-") and (entry / "model.safetensors").is_file()
+    again = ctx.cached_model("toy", {"steps": 3}, build)
+    assert build.budgets == [2.5]                                     # not built again
+    for name, p in first.params.items():
+        np.testing.assert_array_equal(again.params[name], p)
+        np.testing.assert_array_equal(p, mm.GPT(CFG, seed=1).params[name])
+    assert not [p.name for p in (tmp_path / "techniques").iterdir() if p.name.startswith(".")]
+
+
+def test_cached_model_is_rebuilt_when_settings_change_and_takes_a_budget(tmp_path):
+    ctx, build = context(tmp_path), Builder()
+    ctx.cached_model("toy", {"steps": 3}, build)
+    ctx.cached_model("toy", {"steps": 4}, build, budget_s=0.75)
+    ctx.cached_model("other", {"steps": 3}, build)
+    assert build.budgets == [2.5, 0.75, 2.5]
+    assert len(list((tmp_path / "techniques").iterdir())) == 3
+    ctx.cached_model("toy", {"steps": 4}, build)
+    assert len(build.budgets) == 3
+
+
+def test_unsound_cached_model_is_built_again(tmp_path):
+    messages = []
+    ctx, build = context(tmp_path, log=messages.append), Builder()
+    ctx.cached_model("toy", {"steps": 3}, build)
+    (entry,) = (tmp_path / "techniques").iterdir()
+    (entry / "model.safetensors").write_bytes(b"not safetensors")
+    model = ctx.cached_model("toy", {"steps": 3}, build)
+    assert len(build.budgets) == 2 and model.config == CFG
+    assert any("unusable" in m for m in messages)
+
+
+def test_cached_model_without_cache_builds_in_a_temporary_dir(tmp_path):
+    ctx, build = context(tmp_path, cache_dir=None), Builder()
+    a = ctx.cached_model("toy", {"steps": 3}, build)
+    b = ctx.cached_model("toy", {"steps": 3}, build)
+    assert len(build.budgets) == 2 and a.config == b.config == CFG
+    assert not (tmp_path / "techniques").exists()
+
+
+@pytest.mark.parametrize("args, error, match", [
+    (("toy", {"f": object()}, Builder()), ValueError, "settings="),
+    (("toy", [1], Builder()), ValueError, "settings="),
+    (("../up", {}, Builder()), ValueError, "name="),
+    (("toy", {}, lambda budget_s: "not a model"), TypeError, "must return a GPT"),
+])
+def test_cached_model_bad_input(tmp_path, args, error, match):
+    with pytest.raises(error, match=match):
+        context(tmp_path).cached_model(*args)
+    with pytest.raises(ValueError, match="budget_s="):
+        context(tmp_path).cached_model("toy", {}, Builder(), budget_s=0)
+
+
+def test_tour_keeps_technique_models_beside_the_baseline(tmp_path, monkeypatch):
+    build = Builder()
+
+    def trains(ctx):
+        model = ctx.cached_model("test_trains", {"steps": 1}, build)
+        return Row("test_trains", model.num_params(), model.nbytes(), None, None, None)
+    monkeypatch.setitem(tour.TECHNIQUES, "test_trains", trains)
+    quick_tour(tmp_path, techniques=["test_trains"])
+    quick_tour(tmp_path, techniques=["test_trains"])
+    assert len(build.budgets) == 1                                    # the second tour reused it
+    (entry,) = (tmp_path / "cache").iterdir()
+    (model_dir,) = (entry / tour.TECHNIQUES_DIR).iterdir()
+    assert model_dir.name.startswith("test_trains-") and mm.GPT.load(model_dir).config == CFG
+    quick_tour(tmp_path, techniques=["test_trains"], use_cache=False)
+    assert len(build.budgets) == 2

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 
 import minillm as mm
+import minillm.optim
 from minillm import checkpoint, data
-from minillm.train import TrainConfig, TrainResult, batch_rng, evaluate, train
+from minillm.train import (TrainConfig, TrainHook, TrainResult, accumulated_loss_and_grads,
+                           batch_rng, evaluate, train)
+from tests.helpers import assert_close
 
 CFG = mm.GPTConfig(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_embd=32)
 
@@ -227,3 +230,159 @@ def test_train_argument_errors(corpus_ids):
               progress=False)
     with pytest.raises(ValueError, match="tcfg"):
         train(model, tr, va, {"steps": 3}, progress=False)
+
+
+# --- the step's hooks ---------------------------------------------------------------------------
+class NormEMA(TrainHook):
+    """A hook with state: an EMA of the gradient norm that damps the gradients, a
+    per-step batch size, and a skipped update whenever the norm jumps above the EMA."""
+
+    name = "norm_ema"
+
+    def __init__(self):
+        self.ema = np.zeros(1)
+        self.calls = 0
+
+    def batch_size(self, step, batch_size):
+        return 2 + step % 3
+
+    def transform_grads(self, grads, step, record):
+        norm = mm.optim.grad_norm(grads)
+        self.ema = 0.5 * self.ema + 0.5 * norm
+        record["ema"] = float(self.ema[0])
+        for g in grads.values():
+            g *= g.dtype.type(1.0 / (1.0 + self.ema[0]))
+        return grads
+
+    def skip(self, step, record):
+        return step % 4 == 3
+
+    def state_dict(self):
+        return {"ema": self.ema}
+
+    def load_state_dict(self, state):
+        self.ema = state["ema"].copy()
+
+
+def test_resume_with_a_stateful_hook_is_exact(corpus_ids, tmp_path):
+    """The hook's state travels in the checkpoint: 8 steps straight == 5 + resume 3,
+    bit for bit, including the per-step batch sizes and the skipped steps."""
+    tr, va = corpus_ids
+    tcfg = short(checkpoint_interval=5)
+    straight = train(mm.GPT(CFG, seed=0), tr, va, tcfg, progress=False, hooks=[NormEMA()])
+    assert [h["batch_size"] for h in straight.history] == [2 + s % 3 for s in range(8)]
+    assert [h["skipped"] for h in straight.history] == [s % 4 == 3 for s in range(8)]
+    with pytest.raises(Interrupt):
+        train(mm.GPT(CFG, seed=0), tr, va, tcfg, out_dir=tmp_path / "run", progress=False,
+              log=interrupt_at(7), hooks=[NormEMA()])
+    hook = NormEMA()
+    resumed = train(mm.GPT(CFG, seed=5), tr, va, tcfg, out_dir=tmp_path / "run", resume=True,
+                    progress=False, hooks=[hook])
+    keys = ("step", "loss", "lr", "grad_norm", "ema", "batch_size", "skipped")
+    assert [[h[k] for k in keys] for h in resumed.history] == \
+           [[h[k] for k in keys] for h in straight.history]
+    for name, p in straight.model.params.items():
+        assert np.array_equal(resumed.model.params[name], p), name
+    with pytest.raises(ValueError, match="hooks"):             # not resumable without its hook
+        train(mm.GPT(CFG, seed=0), tr, va, tcfg, out_dir=tmp_path / "run", resume=True,
+              progress=False)
+
+
+def test_a_skipped_step_leaves_the_parameters(corpus_ids):
+    tr, _ = corpus_ids
+
+    class SkipAll(TrainHook):
+        name = "skip_all"
+
+        def skip(self, step, record):
+            return True
+    model = mm.GPT(CFG, seed=0)
+    before = {k: v.copy() for k, v in model.params.items()}
+    res = train(model, tr, None, short(steps=3), progress=False, hooks=[SkipAll()])
+    assert all(h["skipped"] for h in res.history)
+    assert all(np.array_equal(model.params[k], v) for k, v in before.items())
+
+
+def test_after_update_keeps_a_mask_at_zero(corpus_ids):
+    tr, _ = corpus_ids
+    model = mm.GPT(CFG, seed=0)
+    mask = np.random.default_rng(0).random(model.params["h.0.mlp.c_fc.weight"].shape) < 0.5
+
+    class Mask(TrainHook):
+        name = "mask"
+
+        def after_update(self, model, step, record):
+            model.params["h.0.mlp.c_fc.weight"][mask] = 0
+    train(model, tr, None, short(steps=3), progress=False, hooks=[Mask()])
+    w = model.params["h.0.mlp.c_fc.weight"]
+    assert (w[mask] == 0).all() and (w[~mask] != 0).all()
+
+
+@pytest.mark.parametrize("micro", [1, 3, 4])
+def test_micro_batches_accumulate_to_the_whole_batch(corpus_ids, micro):
+    """B=8 in micro-batches of 1, 3 (uneven: 3+3+2) or 4 gives the whole batch's loss and
+    gradients (float64: equal up to rounding)."""
+    tr, _ = corpus_ids
+    cfg64 = dataclasses.replace(CFG, dtype="float64")
+    model = mm.GPT(cfg64, seed=0)
+    x, y = data.get_batch(tr, 8, 16, batch_rng(3, 0))
+    loss, grads = model.loss_and_grads(x, y)
+    loss_m, grads_m = accumulated_loss_and_grads(model, x, y, 0, micro_batch_size=micro)
+    assert loss_m == pytest.approx(loss, rel=1e-12)
+    for k in grads:
+        assert_close(k, grads_m[k], grads[k], rtol=1e-10, atol=1e-13)
+
+
+def test_custom_loss_hook_is_used_and_checked(corpus_ids):
+    tr, _ = corpus_ids
+
+    class HalfLoss(TrainHook):
+        name = "half"
+
+        def loss_and_grads(self, model, x, y, step):
+            loss, grads = model.loss_and_grads(x, y)
+            return loss / 2, {k: g / 2 for k, g in grads.items()}
+    res = train(mm.GPT(CFG, seed=0), tr, None, short(steps=2), progress=False, hooks=[HalfLoss()])
+    plain = train(mm.GPT(CFG, seed=0), tr, None, short(steps=2), progress=False)
+    assert res.losses[0] == pytest.approx(plain.losses[0] / 2)
+
+    class WrongKeys(TrainHook):
+        name = "wrong"
+
+        def loss_and_grads(self, model, x, y, step):
+            loss, grads = model.loss_and_grads(x, y)
+            grads.pop("wte.weight")
+            return loss, grads
+    with pytest.raises(ValueError, match="hook 'wrong' loss_and_grads.*missing.*wte.weight"):
+        train(mm.GPT(CFG, seed=0), tr, None, short(steps=1), progress=False, hooks=[WrongKeys()])
+
+
+@pytest.mark.parametrize("hooks, match", [
+    (["not a hook"], "TrainHook"),
+    ([NormEMA(), NormEMA()], "distinct"),
+])
+def test_bad_hooks_are_refused(corpus_ids, hooks, match):
+    tr, _ = corpus_ids
+    with pytest.raises(ValueError, match=match):
+        train(mm.GPT(CFG, seed=0), tr, None, short(steps=1), progress=False, hooks=hooks)
+
+
+def test_a_hook_with_bad_state_or_batch_size_is_named(corpus_ids, tmp_path):
+    tr, _ = corpus_ids
+
+    class BadState(TrainHook):
+        name = "bad_state"
+
+        def state_dict(self):
+            return {"x": 3}
+
+    class ZeroBatch(TrainHook):
+        name = "zero"
+
+        def batch_size(self, step, batch_size):
+            return 0
+    with pytest.raises(ValueError, match="bad_state"):
+        train(mm.GPT(CFG, seed=0), tr, None, short(steps=1), out_dir=tmp_path / "r",
+              progress=False, hooks=[BadState()])
+    with pytest.raises(ValueError, match="hook 'zero'"):
+        train(mm.GPT(CFG, seed=0), tr, None, short(steps=1), progress=False, hooks=[ZeroBatch()])
