@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .checks import check_int
+
 _DTYPES = ("float32", "float64")
 
 
@@ -41,12 +43,7 @@ class GPTConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise ValueError(f"{name}={value!r} must be an int")
-            if value < 1:
-                raise ValueError(f"{name}={value} must be >= 1")
-            object.__setattr__(self, name, int(value))
+            object.__setattr__(self, name, check_int(name, getattr(self, name), 1))
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")

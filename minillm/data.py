@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .checks import check_float, check_int
+
 CORPUS_PATH = Path(__file__).parent / "data" / "kjv.txt"
 CORPUS_SHA256 = "6f74f5589333c56c263963e6347dba662bae2d96861302e690aaae0b4a855eda"
 
@@ -68,9 +70,7 @@ def split(ids, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
     Contiguous (not shuffled) so that no validation window overlaps a training one.
     """
     ids = _check_ids(ids, "ids")
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) \
-            or not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction={val_fraction!r} must be a number in (0, 1)")
+    check_float("val_fraction", val_fraction, 0, 1, lo_open=True, hi_open=True)
     n_val = int(round(len(ids) * val_fraction))
     if n_val < 1 or n_val >= len(ids):
         raise ValueError(f"val_fraction={val_fraction} of {len(ids)} ids leaves "
@@ -80,16 +80,11 @@ def split(ids, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
     return ids[:cut], ids[cut:]
 
 
-def _check_int(name: str, value, lo: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-        raise ValueError(f"{name}={value!r} must be an int >= {lo}")
-
-
 def get_batch(data, batch_size: int, seq_len: int, rng: np.random.Generator):
     """``batch_size`` random windows of ``data`` -> (x, y), both (B, T) int32, y = x shifted by one."""
     data = _check_ids(data, "data")
-    _check_int("batch_size", batch_size, 1)
-    _check_int("seq_len", seq_len, 1)
+    check_int("batch_size", batch_size, 1)
+    check_int("seq_len", seq_len, 1)
     if seq_len >= len(data):
         raise ValueError(f"seq_len={seq_len} must be < len(data)={len(data)} "
                          f"(a window needs seq_len + 1 ids)")

@@ -211,6 +211,13 @@ class GPT:
     def save_hf(self, path) -> None:
         """Write a directory that ``transformers.GPT2LMHeadModel.from_pretrained`` loads."""
         from . import checkpoint
+        cfg = self.config
+        dims = {self.block_dims(i) for i in range(cfg.n_layer)}
+        if (cfg.attention, cfg.linear) != ("dense", "dense") or dims != {(cfg.n_head, 4 * cfg.n_embd)}:
+            raise ValueError(f"GPT2LMHeadModel holds dense attention, dense float linears and equal "
+                             f"blocks (H={cfg.n_head}, 4C={4 * cfg.n_embd}); this model has "
+                             f"attention={cfg.attention!r}, linear={cfg.linear!r}, block dims "
+                             f"{sorted(dims)}: save it with model.save instead")
         checkpoint.save_hf(path, self)
 
     def __repr__(self) -> str:

@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 from .backend import to_numpy, xp_of
+from .checks import check_float, check_int
 
 # Parameters that are looked up, not multiplied: never decayed.
 EMBEDDINGS = ("wte.weight", "wpe.weight")
@@ -100,14 +101,11 @@ class AdamW:
 
 
 def _check_hparams(lr, betas, eps, weight_decay) -> None:
-    if not isinstance(lr, (int, float)) or lr < 0:
-        raise ValueError(f"lr={lr!r} must be a number >= 0")
+    check_float("lr", lr, 0)
     if len(tuple(betas)) != 2 or not all(0 <= b < 1 for b in betas):
         raise ValueError(f"betas={betas!r} must be two numbers in [0, 1)")
-    if not isinstance(eps, (int, float)) or eps <= 0:
-        raise ValueError(f"eps={eps!r} must be a number > 0")
-    if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
-        raise ValueError(f"weight_decay={weight_decay!r} must be a number >= 0")
+    check_float("eps", eps, 0, lo_open=True)
+    check_float("weight_decay", weight_decay, 0)
 
 
 def lr_schedule(step: int, max_lr: float, min_lr: float, warmup_steps: int,
@@ -123,8 +121,7 @@ def lr_schedule(step: int, max_lr: float, min_lr: float, warmup_steps: int,
         raise ValueError(f"min_lr={min_lr!r} and max_lr={max_lr!r} must satisfy 0 <= min_lr <= max_lr")
     for name, value, lo in (("step", step, 0), ("warmup_steps", warmup_steps, 0),
                             ("total_steps", total_steps, 1)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-            raise ValueError(f"{name}={value!r} must be an int >= {lo}")
+        check_int(name, value, lo)
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     if step >= total_steps:
@@ -144,8 +141,7 @@ def clip_grad_norm(grads: dict, max_norm: float) -> float:
     Returns the norm before clipping (what training logs). Gradients already
     within the bound are left untouched.
     """
-    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0:
-        raise ValueError(f"max_norm={max_norm!r} must be a number > 0")
+    check_float("max_norm", max_norm, 0, lo_open=True)
     total = grad_norm(grads)
     if total > max_norm:
         scale = max_norm / total

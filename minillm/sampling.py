@@ -14,19 +14,16 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import to_numpy
+from .checks import check_float, check_optional_int
 
 
 def check_sampling_args(temperature, top_k, top_p, max_new_tokens=None):
     """Raise ValueError naming the bad argument."""
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature={temperature!r} must be a number >= 0 (0 is greedy)")
-    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
-        raise ValueError(f"top_k={top_k!r} must be an int >= 1 or None")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise ValueError(f"top_p={top_p!r} must be in (0, 1] or None")
-    if max_new_tokens is not None and (not isinstance(max_new_tokens, (int, np.integer))
-                                       or max_new_tokens < 0):
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 0")
+    check_float("temperature", temperature, 0)     # 0 is greedy
+    check_optional_int("top_k", top_k, 1)
+    if top_p is not None:
+        check_float("top_p", top_p, 0, 1, lo_open=True)
+    check_optional_int("max_new_tokens", max_new_tokens, 0)
 
 
 def filter_logits(logits: np.ndarray, top_k=None, top_p=None) -> np.ndarray:

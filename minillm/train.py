@@ -46,7 +46,7 @@ from .data import get_batch
 from .backend import to_numpy
 from .optim import AdamW, grad_norm, lr_schedule
 
-from .checks import check_int, check_optional_int
+from .checks import check_float, check_int
 
 TOKENIZER_FILE = "tokenizer.model"
 # Fields that may differ between a run and its resume without changing the losses.
@@ -93,20 +93,17 @@ class TrainConfig:
         ints = (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("eval_interval", 0),
                 ("eval_batches", 1), ("checkpoint_interval", 0), ("seed", 0))
         for name, lo in ints:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-                raise ValueError(f"{name}={value!r} must be an int >= {lo}")
-            object.__setattr__(self, name, int(value))
+            object.__setattr__(self, name, check_int(name, getattr(self, name), lo))
         for name in ("seq_len", "micro_batch_size"):
             if getattr(self, name) is not None:
-                object.__setattr__(self, name, check_int(f"{name} (or None)", getattr(self, name), 1))
-        _check_number("lr", self.lr, lambda x: x > 0, "> 0")
+                object.__setattr__(self, name, check_int(name, getattr(self, name), 1))
+        check_float("lr", self.lr, 0, lo_open=True)
         if self.min_lr is not None:
-            _check_number("min_lr", self.min_lr, lambda x: 0 <= x <= self.lr, f"in [0, lr={self.lr}]")
-        _check_number("weight_decay", self.weight_decay, lambda x: x >= 0, ">= 0")
+            check_float("min_lr", self.min_lr, 0, self.lr)
+        check_float("weight_decay", self.weight_decay, 0)
         if self.grad_clip is not None:
-            _check_number("grad_clip", self.grad_clip, lambda x: x >= 0, ">= 0 (0 disables)")
-        _check_number("eps", self.eps, lambda x: x > 0, "> 0")
+            check_float("grad_clip", self.grad_clip, 0)               # 0 disables
+        check_float("eps", self.eps, 0, lo_open=True)
         betas = tuple(self.betas)
         if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
             raise ValueError(f"betas={self.betas!r} must be two numbers in [0, 1)")
@@ -130,12 +127,6 @@ class TrainConfig:
         if set(d) - known:
             raise ValueError(f"train config has unknown fields {sorted(set(d) - known)}")
         return cls(**{**d, "betas": tuple(d.get("betas", cls.betas))})
-
-
-def _check_number(name, value, ok, rule) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value) or not ok(value):
-        raise ValueError(f"{name}={value!r} must be a number {rule}")
 
 
 @dataclass
@@ -255,8 +246,7 @@ def evaluate(model, data, batch_size: int, seq_len: int, n_batches: int, seed: i
     The same arguments give the same batches, so evaluations at different
     steps (or of different models) are comparable.
     """
-    if isinstance(n_batches, bool) or not isinstance(n_batches, (int, np.integer)) or n_batches < 1:
-        raise ValueError(f"n_batches={n_batches!r} must be an int >= 1")
+    check_int("n_batches", n_batches, 1)
     rng = np.random.default_rng(seed)
     losses = [model.loss(*get_batch(data, batch_size, seq_len, rng)) for _ in range(n_batches)]
     return float(np.mean(losses))

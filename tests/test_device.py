@@ -9,6 +9,7 @@ is active: a failure here is a host/device mix-up that a real GPU would hit too.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 
 import numpy as np
@@ -144,6 +145,70 @@ def test_batched_generation_of_different_lengths_equals_numpy(active):
     assert len(got) == len(expected)
     for g, e in zip(got, expected):
         assert np.array_equal(backend.to_numpy(g), e)
+
+
+@pytest.mark.parametrize("active", ACTIVE)
+def test_generation_with_eos_equals_numpy(active):
+    cpu, dev = nontrivial_pair()
+    prompt = np.array([[1, 2, 3], [3, 2, 1]])
+    eos = int(cpu.generate(prompt, max_new_tokens=1, temperature=0)[0, -1])  # row 0 stops at once
+    kw = dict(max_new_tokens=6, temperature=0, eos_id=eos)
+    expected = cpu.generate(prompt, **kw)
+    with backend.use(active):
+        got = dev.generate(prompt, **kw)
+    assert np.array_equal(backend.to_numpy(got), expected)
+
+
+def test_save_and_load_of_a_device_model(tmp_path):
+    cpu, dev = nontrivial_pair()
+    dev.save(tmp_path / "m")
+    back = GPT.load(tmp_path / "m")
+    for k in cpu.params:
+        assert type(back.params[k]) is np.ndarray and np.array_equal(back.params[k], cpu.params[k]), k
+
+
+def test_clipping_and_optimizer_state_on_the_device():
+    from minillm.optim import AdamW, clip_grad_norm, grad_norm
+    cpu, dev = nontrivial_pair()
+    idx, targets = batch()
+    _, grads = cpu.loss_and_grads(idx, targets)
+    _, grads_d = dev.loss_and_grads(idx, targets)
+    assert_close("grad norm", grad_norm(grads_d), grad_norm(grads), "float32")
+    assert_close("norm before clipping", clip_grad_norm(grads_d, 0.1), clip_grad_norm(grads, 0.1),
+                 "float32")
+    assert_close("norm after clipping", grad_norm(grads_d), 0.1, "float32")
+    opt, opt_d = AdamW(cpu.params), AdamW(dev.params)
+    opt.step(cpu.params, grads)
+    opt_d.step(dev.params, grads_d)
+    state = opt_d.state_dict()
+    assert all(type(v) is np.ndarray for v in state.values())      # checkpoints hold host arrays
+    fresh = AdamW(dev.params)
+    fresh.load_state_dict(opt.state_dict())                          # host state into device moments
+    for k in opt.m:
+        assert isinstance(fresh.m[k], standin.DeviceArray), k
+        assert_close(f"m.{k}", fresh.m[k], state[f"m.{k}"], "float32")
+
+
+@pytest.mark.parametrize("active", ACTIVE)
+def test_training_loop_with_checkpoint_and_resume_equals_numpy(active, tmp_path):
+    """``train``: micro-batches, clipping, evaluation, a checkpoint, then a resume."""
+    from minillm.train import TrainConfig, train
+    cpu, dev = nontrivial_pair()
+    ids = np.random.default_rng(5).integers(0, CFG.vocab_size, size=400)
+    tcfg = TrainConfig(steps=4, batch_size=4, seq_len=8, lr=1e-2, warmup_steps=1, grad_clip=0.5,
+                       eval_interval=2, eval_batches=2, checkpoint_interval=2, micro_batch_size=2)
+    ref = train(cpu, ids[:300], ids[300:], tcfg, progress=False)
+    with backend.use(active):
+        train(dev, ids[:300], ids[300:], dataclasses.replace(tcfg, steps=2), out_dir=tmp_path,
+              progress=False)
+        got = train(dev, ids[:300], ids[300:], tcfg, out_dir=tmp_path, resume=True, progress=False)
+    assert got.start_step == 2
+    assert all(isinstance(v, standin.DeviceArray) for v in dev.params.values())
+    assert_close("losses", np.array(got.losses), np.array(ref.losses), "float32")
+    assert_close("val losses", np.array([e["val_loss"] for e in got.evals]),
+                 np.array([e["val_loss"] for e in ref.evals]), "float32")
+    for k in cpu.params:
+        assert_close(k, dev.params[k], cpu.params[k], rtol=1e-3, atol=1e-5)
 
 
 # --- every kernel of the table, reference on device copies of its inputs -----------------------

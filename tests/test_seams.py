@@ -264,3 +264,11 @@ def test_block_forward_is_the_one_block_the_kv_cache_runs():
         attention=lambda qkv, n: (attn.append_attend(qkv, k, v, np.zeros(2, np.int64), n), None))
     assert_close("block over the cache", got, ref)
     assert xp_of(got) is np
+
+
+def test_save_hf_refuses_what_gpt2_cannot_hold(tmp_path):
+    with pytest.raises(ValueError, match="attention='sharp_test'"):
+        mm.GPT(dataclasses.replace(CFG64, attention="sharp_test")).save_hf(tmp_path / "a")
+    with pytest.raises(ValueError, match="block dims"):
+        shrink(nontrivial(CFG64), {0: [0]}, {}).save_hf(tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
