@@ -24,30 +24,17 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 import minillm as mm
-from minillm import backend
+from minillm import backend, timing
 from minillm.kv_cache import KVCache
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT_LEN = 16
-
-
-def median_time(fn, repeats: int) -> float:
-    """Median wall seconds of ``fn()`` over ``repeats`` runs after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def minillm_runner(model, idx, n_new, use_cache, backend_name):
@@ -85,7 +72,7 @@ def load_transformers(model):
 def stream_gbs(nbytes: int = 256 * 2**20) -> float:
     """Read bandwidth of this machine now: GB/s of summing a large float32 array (best of 5)."""
     a = np.ones(nbytes // 4, dtype=np.float32)
-    best = min(median_time(a.sum, 1) for _ in range(5))
+    best = timing.median_time(a.sum, repeats=5, warmup=1)["min_s"]
     return a.nbytes / best / 1e9
 
 
@@ -116,12 +103,12 @@ def run(args) -> dict:
             for b in backends:
                 fn = minillm_runner(model, idx, n, use_cache, b)
                 rows.append(dict(impl=f"minillm-{b}", cache=use_cache, n_new=n, repeats=reps,
-                                 seconds=median_time(fn, reps)))
+                                 seconds=timing.median_time(fn, reps)["median_s"]))
                 outs[b] = fn()
             if hf is not None:
                 fn = hf_runner(hf, torch, idx, n, use_cache)
                 rows.append(dict(impl="transformers", cache=use_cache, n_new=n, repeats=reps,
-                                 seconds=median_time(fn, reps)))
+                                 seconds=timing.median_time(fn, reps)["median_s"]))
                 outs["transformers"] = fn()
             same = all(np.array_equal(o, outs["numpy"]) for o in outs.values())
             checks.append(dict(n_new=n, cache=use_cache, greedy_ids_identical=bool(same)))
@@ -137,7 +124,9 @@ def run(args) -> dict:
     return dict(config=cfg.to_dict(), prompt_len=PROMPT_LEN, peer=peer, rows=rows, batch=batch,
                 checks=checks, stream_read_gbs=gbs,
                 cache_bytes_1040=KVCache(cfg, 1, 1040).nbytes,
-                machine=dict(platform=platform.platform(), cpus=os.cpu_count()),
+                machine=dict(platform=platform.platform(), cpu=timing.cpu_name(),
+                             cpus=os.cpu_count(), threads=timing.thread_settings(),
+                             line=timing.machine_line()),
                 command="bench/bench_kv_cache.py " + " ".join(args.argv))
 
 
@@ -148,7 +137,7 @@ def batch_rows(model, backends, args) -> list[dict]:
     for b in backends:
         for B in (1, 8):
             idx = np.random.default_rng(B).integers(0, model.config.vocab_size, (B, PROMPT_LEN))
-            s = median_time(minillm_runner(model, idx, n, True, b), args.repeats)
+            s = timing.median_time(minillm_runner(model, idx, n, True, b), args.repeats)["median_s"]
             out.append(dict(impl=f"minillm-{b}", batch=B, n_new=n, seconds=s, tok_s=B * n / s))
     return out
 
@@ -180,7 +169,8 @@ def table(res: dict) -> str:
               f"Streaming read bandwidth measured in the same run: {res['stream_read_gbs']:.1f} GB/s; "
               f"GB/s read = (weights + mean filled cache bytes) per token x tokens/s.",
               f"Greedy ids identical across implementations: "
-              f"{all(ch['greedy_ids_identical'] for ch in res['checks'])}."]
+              f"{all(ch['greedy_ids_identical'] for ch in res['checks'])}.",
+              res["machine"]["line"] + "."]
     return "\n".join(lines)
 
 

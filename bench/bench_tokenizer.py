@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import minillm as mm
-from minillm import backend
+from minillm import backend, timing
 from minillm.data import load_corpus
 
 RESULTS = Path(__file__).parent / "results" / "tokenizer.json"
@@ -31,15 +28,12 @@ RESULTS = Path(__file__).parent / "results" / "tokenizer.json"
 
 def timed(fn, repeats: int, warmup: int = 1) -> tuple[float, object]:
     """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs; and its result."""
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+    last = []
+
+    def run():
+        last[:] = [fn()]
+        return last[0]
+    return timing.median_time(run, repeats=repeats, warmup=warmup)["median_s"], last[0]
 
 
 def train_ours(text, vocab, name):
@@ -150,8 +144,8 @@ def main(argv=None):
     rows += enc_rows
     import tiktoken
     import tokenizers
-    print(f"\ncorpus {mb:.2f} MB, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores; tiktoken {tiktoken.__version__}, tokenizers {tokenizers.__version__}; "
+    print(f"\ncorpus {mb:.2f} MB, {timing.machine_line()}; "
+          f"tiktoken {tiktoken.__version__}, tokenizers {tokenizers.__version__}; "
           f"{bpt:.2f} bytes/token at vocab {vocab}; ratio: train = ours / HF time (lower is better), "
           f"encode = ours / tiktoken MB/s (higher is better)\n")
     print_table(rows)
@@ -159,6 +153,7 @@ def main(argv=None):
     tmp = RESULTS.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"corpus_mb": mb, "quick": args.quick, "repeats": args.repeats,
                                "bytes_per_token": bpt, "cores": os.cpu_count(),
+                               "cpu": timing.cpu_name(), "threads": timing.thread_settings(),
                                "rows": rows}, indent=1))
     os.replace(tmp, RESULTS)
     print(f"\nwrote {RESULTS}")

@@ -9,7 +9,7 @@ and decay groups, ``torch.set_num_threads(2)``.
 Method: every (backend, preset) case runs in its own fresh subprocess, so
 thread pools, JIT caches and memory high-water marks do not leak between
 cases. Each case does ``--warmup`` steps, then times ``--repeats`` steps
-(``time.perf_counter``); the table shows the median. Peak MB is the process's
+(``minillm.timing.median_time``); the table shows the median. Peak MB is the process's
 resident-set high-water mark (``VmHWM``, Linux) during the timed steps minus its
 resident set right after the imports, before the model is built: weights +
 AdamW state + the step's peak working set (activations, caches, gradients,
@@ -29,14 +29,14 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+
+from minillm import timing
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "bench_train.json"
@@ -66,19 +66,15 @@ def _reset_peak() -> bool:
 
 def measure(step, warmup: int, repeats: int, base_kb: int | None) -> dict:
     """Warm up, then time ``repeats`` calls of ``step``; peak RSS over ``base_kb``."""
-    for _ in range(warmup):
+    for _ in range(warmup):        # here, not in median_time: the peak is reset in between
         step()
     reset = _reset_peak()          # forget JIT compilation and first-touch peaks
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+    timed = timing.median_time(step, repeats=repeats, warmup=0)
     peak = _proc_kb("VmHWM")
     peak_mb = (peak - base_kb) / 1024 if peak is not None and base_kb is not None else None
     method = "VmHWM(timed steps) - VmRSS(after imports)" + ("" if reset else ", HWM not reset")
-    return {"times_s": times, "median_s": statistics.median(times),
-            "peak_mb": peak_mb, "peak_method": method}
+    return {"times_s": timed["times_s"], "median_s": timed["median_s"], "min_s": timed["min_s"],
+            "peak_mb": peak_mb, "peak_method": method, "threads": timing.thread_settings()}
 
 
 # --- the two sides --------------------------------------------------------------
@@ -221,11 +217,14 @@ def main(argv=None) -> None:
                          "median_ms": res["median_s"] * 1e3, "tokens_per_s": tokens / res["median_s"],
                          "peak_mb": res["peak_mb"], "peak_method": res["peak_method"],
                          "ratio_vs_torch": res["median_s"] / torch_s if torch_s else None,
-                         "times_ms": [t * 1e3 for t in res["times_s"]], "version": res["version"]})
+                         "times_ms": [t * 1e3 for t in res["times_s"]], "version": res["version"],
+                         "threads": res["threads"]})
             print(f"  {preset} {b}: {res['median_s'] * 1e3:.1f} ms ({res['version']})", file=sys.stderr)
     print(table(rows))
+    print(f"\n{timing.machine_line()}; torch threads: {args.threads}")
     meta = {"bench": "train_step", "argv": sys.argv[1:], "python": platform.python_version(),
-            "machine": platform.machine(), "cpus": os.cpu_count(),
+            "machine": platform.machine(), "cpu": timing.cpu_name(), "cpus": os.cpu_count(),
+            "threads": timing.thread_settings(),
             "load_avg_at_end": os.getloadavg(),
             "step": "loss_and_grads + AdamW (lr=3e-4, betas=(0.9, 0.95), eps=1e-8, wd=0.1)",
             "peak_memory": "VmHWM during timed steps - VmRSS after imports, fresh subprocess per case"}

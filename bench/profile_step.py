@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
-import time
 
 import numpy as np
 
 import minillm as mm
-from minillm import backend
+from minillm import backend, timing
 
 
 def make_step(model, idx, targets):
@@ -49,13 +48,11 @@ def main(argv=None):
     idx = rng.integers(0, cfg.vocab_size, (args.batch_size, cfg.block_size + 1))
     x, y = idx[:, :-1], idx[:, 1:]
     step, has_opt = make_step(model, x, y)
-    step()  # warm-up (numba compile, BLAS buffers)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    wall = (time.perf_counter() - t0) / args.steps
+    wall = timing.median_time(step, repeats=args.steps, warmup=1)["median_s"]  # warm-up: numba, BLAS
     print(f"backend={args.backend} preset={args.preset} B={args.batch_size} "
-          f"T={cfg.block_size} optimizer={'AdamW' if has_opt else 'none'}: {wall * 1e3:.1f} ms/step")
+          f"T={cfg.block_size} optimizer={'AdamW' if has_opt else 'none'}: "
+          f"{wall * 1e3:.1f} ms/step (median of {args.steps})")
+    print(timing.machine_line())
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(args.steps):

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 import minillm as mm
-from minillm import backend, data
+from minillm import backend, data, timing
 from minillm.optim import AdamW
 from minillm.train import TrainConfig, evaluate, train_step
 
@@ -36,9 +36,10 @@ OUT = Path(__file__).parent / "results"
 def one_vocab(text, vocab, cfg_kw, seconds, batch_size, seed, model_backend, lr=3e-3):
     with backend.use("numba"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t0 = time.perf_counter()
-        tok = mm.BPETokenizer.train(text, vocab)
-        tok_s = time.perf_counter() - t0
+        toks = []
+        tok_s = timing.median_time(lambda: toks.append(mm.BPETokenizer.train(text, vocab)),
+                                   repeats=1, warmup=0)["median_s"]          # one run: it is slow
+        tok = toks[0]
         ids = np.asarray(tok.encode(text), dtype=np.int32)                 # (N,)
     train_ids, val_ids = data.split(ids)
     bytes_per_token = len(tok.decode_bytes(val_ids.tolist())) / len(val_ids)
@@ -108,7 +109,9 @@ def main(argv=None):
     OUT.mkdir(parents=True, exist_ok=True)
     tmp = OUT / "vocab_sweep.json.tmp"
     tmp.write_text(json.dumps({"model": cfg_kw, "batch_size": args.batch_size,
-                               "seconds": args.seconds, "rows": rows}, indent=1))
+                               "seconds": args.seconds, "cpu": timing.cpu_name(),
+                               "threads": timing.thread_settings(), "rows": rows}, indent=1))
+    print(f"\n{timing.machine_line()}; models trained on backend {args.backend}")
     os.replace(tmp, OUT / "vocab_sweep.json")
     plot(rows, OUT / "vocab_sweep.png")
     print(f"wrote {OUT / 'vocab_sweep.json'} and {OUT / 'vocab_sweep.png'}")
