@@ -153,6 +153,8 @@ def _table_for(args) -> dict:
 def _device_of(args):
     """The backend module owning the first device array among ``args`` (one level into
     tuples, where caches keep their arrays), or None when all are host data."""
+    if not _BY_XP:                   # no device backend was ever loaded: all arrays are host ones
+        return None
     for a in args:
         if isinstance(a, tuple) and a and not isinstance(a[0], tuple):
             a = a[0]
