@@ -18,7 +18,8 @@ import numpy as np
 from .files import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:                 # tour imports this module; the types only flow back
-    from .tour import Baseline, Row
+    from .baseline import Baseline
+    from .tour import Row
 
 
 # --- the table -------------------------------------------------------------------------

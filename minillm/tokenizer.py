@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 import warnings
@@ -589,7 +590,8 @@ def _hf_tokenizer_json(pattern, vocab, merges, special) -> dict:
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
         "normalizer": None,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+            {"type": "Split", "pattern": {"Regex": to_oniguruma(pattern)}, "behavior": "Isolated",
+             "invert": False},
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
         "post_processor": None,
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
@@ -597,6 +599,17 @@ def _hf_tokenizer_json(pattern, vocab, merges, special) -> dict:
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
                   "ignore_merges": False, "vocab": vocab, "merges": merges},
     }
+
+
+def to_oniguruma(pattern: str) -> str:
+    """``pattern`` as HF ``tokenizers`` (Oniguruma) reads it with the same meaning.
+
+    In Python's ``regex`` (and tiktoken's) ``X{1,3}+`` is *possessive*; Oniguruma
+    reads it as ``(?:X{1,3})+``, so gpt4's ``\\p{N}{1,3}+`` would take "1111" as one
+    piece there. Dropping the ``+`` gives the same matches in our patterns, where
+    such a counted repeat ends its alternative (nothing after it could backtrack in).
+    """
+    return re.sub(r"(\{\d+(?:,\d*)?\})\+", r"\1", pattern)
 
 
 def _read_hf_vocab(path: Path) -> dict[str, int]:
@@ -636,7 +649,9 @@ def _hf_pattern(path: Path) -> str | None:
         raise ValueError(f"{path}: not a valid tokenizer.json ({exc})") from None
     for p in pre.get("pretokenizers", [pre]):
         if p.get("type") == "Split" and "Regex" in p.get("pattern", {}):
-            return p["pattern"]["Regex"]
+            found = p["pattern"]["Regex"]
+            known = [q for q in PATTERNS.values() if to_oniguruma(q) == found]
+            return known[0] if known else found
     return None
 
 

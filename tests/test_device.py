@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 
 import numpy as np
 import pytest
 
 from minillm import GPT, GPTConfig, backend
+from minillm.generation import generate_batch
 from tests import standin
 from tests.backends.test_kernels import MAKERS, assert_same_output, to_backend
-from tests.helpers import assert_close
+from tests.helpers import assert_close, host_device_pair
 
 CFG = GPTConfig(vocab_size=61, block_size=16, n_layer=2, n_head=4, n_embd=32)
 ACTIVE = [pytest.param(name, marks=pytest.mark.skipif(not backend.available()[name][0],
@@ -28,12 +28,7 @@ ACTIVE = [pytest.param(name, marks=pytest.mark.skipif(not backend.available()[na
 
 def nontrivial_pair(seed=0):
     """(numpy model, stand-in model) with the same nontrivial float32 weights."""
-    rng = np.random.default_rng(seed)
-    cpu = GPT(CFG, seed=seed)
-    for k, v in cpu.params.items():
-        cpu.params[k] = (v + 0.1 * rng.standard_normal(v.shape)).astype(np.float32)
-    dev = GPT(CFG, params={k: v.copy() for k, v in cpu.params.items()}).to("standin")
-    return cpu, dev
+    return host_device_pair(CFG, "standin", seed)
 
 
 def batch(seed=1, B=3, T=16):
@@ -47,18 +42,6 @@ def on_device(obj) -> bool:
         return all(on_device(o) for o in obj)
     return not isinstance(obj, (np.ndarray, np.generic)) and (
         not hasattr(obj, "shape") or isinstance(obj, standin.DeviceArray))
-
-
-def generate_batch_fn():
-    """Batched generation of prompts of different lengths, wherever it lives now."""
-    for module in ("minillm.generation", "minillm.kv_cache"):
-        try:
-            fn = getattr(importlib.import_module(module), "generate_batch", None)
-        except ModuleNotFoundError:
-            continue
-        if fn is not None:
-            return fn
-    pytest.fail("no generate_batch in minillm.generation or minillm.kv_cache")
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -110,32 +93,21 @@ def test_training_steps_run_on_the_device_and_lower_the_loss(active):
     assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
 
 
-@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("kw", [dict(temperature=0, use_cache=True), dict(temperature=0, use_cache=False),
+                                dict(temperature=0.8, top_k=10, top_p=0.9, seed=3)],
+                         ids=["greedy-cached", "greedy-uncached", "sampled"])
 @pytest.mark.parametrize("active", ACTIVE)
-def test_greedy_generation_equals_numpy(active, use_cache):
+def test_generation_equals_numpy(active, kw):
     cpu, dev = nontrivial_pair()
     prompt = np.array([[1, 2, 3], [4, 5, 6]])
-    kw = dict(max_new_tokens=6, temperature=0, use_cache=use_cache)
-    expected = cpu.generate(prompt, **kw)
+    expected = cpu.generate(prompt, max_new_tokens=6, **kw)
     with backend.use(active):
-        got = dev.generate(prompt, **kw)
-    assert np.array_equal(backend.to_numpy(got), expected)
-
-
-@pytest.mark.parametrize("active", ACTIVE)
-def test_sampled_generation_equals_numpy(active):
-    cpu, dev = nontrivial_pair()
-    prompt = np.array([[1, 2, 3]])
-    kw = dict(max_new_tokens=5, temperature=0.8, top_k=10, top_p=0.9, seed=3)
-    expected = cpu.generate(prompt, **kw)
-    with backend.use(active):
-        got = dev.generate(prompt, **kw)
+        got = dev.generate(prompt, max_new_tokens=6, **kw)
     assert np.array_equal(backend.to_numpy(got), expected)
 
 
 @pytest.mark.parametrize("active", ACTIVE)
 def test_batched_generation_of_different_lengths_equals_numpy(active):
-    generate_batch = generate_batch_fn()
     cpu, dev = nontrivial_pair()
     prompts = [np.array([1, 2, 3, 4, 5]), np.array([7]), np.array([9, 8, 7])]
     kw = dict(max_new_tokens=5, temperature=0)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from minillm import GPT, GPTConfig, backend
-from tests.helpers import assert_close
+from tests.helpers import assert_close, host_device_pair
 
 CUPY_OK, CUPY_REASON = backend.available()["cupy"]
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUPY_OK, reason=f"cupy: {CUPY_REASON}")]
@@ -17,12 +17,7 @@ CFG = GPTConfig(vocab_size=61, block_size=16, n_layer=2, n_head=4, n_embd=32)
 
 def nontrivial_pair(seed=0):
     """(numpy model, cupy model) with the same nontrivial float32 weights."""
-    rng = np.random.default_rng(seed)
-    cpu = GPT(CFG, seed=seed)
-    for k, v in cpu.params.items():
-        cpu.params[k] = (v + 0.1 * rng.standard_normal(v.shape)).astype(np.float32)
-    gpu = GPT(CFG, params={k: v.copy() for k, v in cpu.params.items()}).to("cupy")
-    return cpu, gpu
+    return host_device_pair(CFG, "cupy", seed)
 
 
 def batch(seed=1, B=3, T=16):

@@ -1,7 +1,7 @@
 """The report: rows in, table, ratios and plots out (the tour itself: test_tour.py)."""
 from __future__ import annotations
 
-from minillm import report
+from minillm import baseline, report
 from minillm.tour import Row
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -30,7 +30,7 @@ def test_write_report_writes_four_files_and_no_temporaries(tmp_path):
     from types import SimpleNamespace
 
     from minillm import tour
-    settings = tour.tour_settings(quick=True).to_dict()
+    settings = baseline.tour_settings(quick=True).to_dict()
     base = SimpleNamespace(history=[{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0}],
                            evals=[{"step": 2, "val_loss": 4.5}], cached=False, entry=None,
                            info={"settings": settings, "timings": {"train_s": 1.0},

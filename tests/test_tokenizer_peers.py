@@ -86,3 +86,14 @@ def test_tiktoken_export_special_rules(trio):
     with pytest.raises(ValueError):
         ours.encode(text)
     assert tk.n_vocab == ours.vocab_size
+
+
+@pytest.mark.parametrize("text", ["1111", "11111", "a1234567b", "x 2024-12-01 99999"])
+def test_digit_runs_split_in_threes_in_all_three(trio, text):
+    """gpt4's possessive ``\\p{N}{1,3}+`` must not become Oniguruma's ``(?:\\p{N}{1,3})+``
+    in tokenizer.json (HF would then keep "1111" as one piece)."""
+    ours, tk, hf, out = trio
+    ids = ours.encode(text)
+    assert tk.encode_ordinary(text) == ids
+    assert hf.encode(text).ids == ids
+    assert mm.BPETokenizer.from_hf(out).pattern == ours.pattern

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import minillm as mm
-from minillm import cli, report, tour
+from minillm import baseline, cli, report, tour
 from minillm.tour import Row
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -40,7 +40,7 @@ def test_quick_tour_writes_report_with_every_registered_technique(tmp_path, caps
 
     base = rows[0]
     assert base.technique == "baseline"
-    cfg = tour.tour_settings(quick=True).model
+    cfg = baseline.tour_settings(quick=True).model
     assert base.params == cfg.num_params()
     assert base.weight_bytes == cfg.num_params() * 4                     # float32
     assert math.isfinite(base.val_ppl) and base.val_ppl > 1
@@ -105,7 +105,7 @@ def test_no_cache_touches_no_cache_dir(tmp_path):
 
 def test_default_cache_dir_follows_env(tmp_path, monkeypatch):
     monkeypatch.setenv("MINILLM_CACHE", str(tmp_path / "c"))
-    assert tour.default_cache_dir() == tmp_path / "c" / "tour"
+    assert baseline.default_cache_dir() == tmp_path / "c" / "tour"
 
 
 def test_registered_technique_joins_and_failing_one_shows_its_error(tmp_path, monkeypatch):
@@ -348,7 +348,7 @@ def test_tour_keeps_technique_models_beside_the_baseline(tmp_path, monkeypatch):
     quick_tour(tmp_path, techniques=["test_trains"])
     assert len(build.budgets) == 1                                    # the second tour reused it
     (entry,) = (tmp_path / "cache").iterdir()
-    (model_dir,) = (entry / tour.TECHNIQUES_DIR).iterdir()
+    (model_dir,) = (entry / baseline.TECHNIQUES_DIR).iterdir()
     assert model_dir.name.startswith("test_trains-") and mm.GPT.load(model_dir).config == CFG
     quick_tour(tmp_path, techniques=["test_trains"], use_cache=False)
     assert len(build.budgets) == 2
