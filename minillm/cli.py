@@ -25,8 +25,12 @@ def run_info(args) -> int:
     cfg = model.config if model else mm.GPTConfig.preset(args.preset)
     print(f"minillm {mm.__version__}")
     print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
-    n = cfg.num_params()
-    print(f"parameters: {n:,}  weight bytes: {n * cfg.np_dtype.itemsize:,}")
+    if model is not None:       # counted from the arrays (a technique may store int8, fewer heads, ...)
+        n, nbytes = model.num_params(), model.nbytes()
+    else:
+        n = cfg.num_params()
+        nbytes = n * cfg.np_dtype.itemsize
+    print(f"parameters: {n:,}  weight bytes: {nbytes:,}")
     print(f"backend: {backend.current()}")
     for name, (ok, reason) in backend.available().items():
         print(f"  {name:6s} {'yes' if ok else 'no ':3s}  {reason}")

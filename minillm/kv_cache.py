@@ -39,9 +39,10 @@ from __future__ import annotations
 import numpy as np
 
 from . import seams, transformer
-from .backend import to_numpy
+from .backend import current, to_numpy
 from .checks import check_int
 from .layers import embedding_forward
+from .tour import Row, TourContext, technique
 
 
 class KVCache:
@@ -175,20 +176,16 @@ def check_lengths(lengths, B: int, T: int) -> np.ndarray:
 
 
 # --- the tour row ----------------------------------------------------------------
-from .tour import Row, TourContext, technique  # noqa: E402  (the row's block; see minillm/tour.py)
-
-
 @technique("kv_cache", order=2)
 def kv_cache_row(ctx: TourContext) -> Row:
     """KV cache: the baseline's weights and math (same perplexity), decoded with a
     prefill + one-token steps instead of re-running the prefix; decode tokens/s
     with the cache next to the baseline's without it, and the cache's bytes."""
-    from .backend import current
     model = ctx.model
     cached = ctx.decode_tok_s(use_cache=True)
     plain = ctx.baseline.decode_tok_s if ctx.baseline else ctx.decode_tok_s(use_cache=False)
     length = ctx.prompt_ids().shape[1] + ctx.decode_tokens
-    cache_bytes = KVCache(model.config, 1, min(length, model.config.block_size)).nbytes
+    cache_bytes = KVCache.for_model(model, 1, min(length, model.config.block_size)).nbytes
     ppl = ctx.baseline.val_ppl if ctx.baseline else ctx.val_ppl()
     return Row("kv_cache", model.num_params(), model.nbytes(), ppl, None, cached,
                f"greedy decode of {ctx.decode_tokens} tokens: {cached:.0f} tok/s cached vs "
