@@ -161,10 +161,10 @@ class GPT:
     def loss_and_grads(self, idx, targets):
         """-> (loss: float, grads: dict with the trainable parameters' keys, shapes, dtypes)."""
         idx, targets = self._check_pair(idx, targets)
-        logits, cache = transformer.forward(self.params, self.config, idx)
+        logits, cache = self.forward_train(idx)                                       # (B, T, V)
         loss, ce = layers.cross_entropy_forward(logits, targets)
         dlogits = layers.cross_entropy_backward(1.0, ce, logits.shape)                # (B, T, V)
-        return float(loss), transformer.backward(self.params, self.config, dlogits, cache)
+        return float(loss), self.backward(dlogits, cache)
 
     def _check_pair(self, idx, targets):
         idx, targets = self.check_idx(idx), self.check_idx(targets, "targets")

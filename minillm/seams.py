@@ -67,8 +67,10 @@ class LinearKind:
         """The layer's parameters for a dense weight w (in, out) and bias b (out,)."""
         raise NotImplementedError
 
-    def forward(self, lp: dict, x):
-        """x (..., n_in) -> (y (..., n_out), cache)."""
+    def forward(self, lp: dict, x, name: str):
+        """x (..., n_in) -> (y (..., n_out), cache). ``name`` is the layer's, e.g.
+        "h.0.attn.c_proj" (tensor parallelism splits c_attn/c_fc by columns and
+        the c_projs by rows)."""
         raise NotImplementedError
 
     def backward(self, dy, cache):
@@ -94,7 +96,7 @@ class DenseLinear(LinearKind):
     def from_dense(self, w, b):
         return {"weight": w, "bias": b}
 
-    def forward(self, lp, x):
+    def forward(self, lp, x, name):
         return layers.linear_forward(x, lp["weight"], lp["bias"])
 
     def backward(self, dy, cache):

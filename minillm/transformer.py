@@ -34,7 +34,7 @@ from . import layers, seams
 def linear_forward(p: dict, name: str, x, config):
     """Linear layer ``name`` (e.g. "h.0.attn.c_attn") of the config's kind: x -> (y, cache)."""
     kind = seams.linear_kind(config.linear)
-    return kind.forward(seams.layer_params(p, name, kind), x)
+    return kind.forward(seams.layer_params(p, name, kind), x, name)
 
 
 def linear_backward(dy, cache, name: str, config, grads: dict):
