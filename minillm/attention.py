@@ -6,6 +6,10 @@
 
 Queries are the *last* T of the S key positions (T == S in training; T < S
 when decoding with a KV cache), so query t may see keys 0 .. S - T + t.
+
+Decoding (``append_attend``, the dense kind's step, ``seams.DenseAttention``)
+writes the new tokens' K and V into one layer's cache and attends over the
+filled slots, with a per-row mask since rows of a batch have their own lengths.
 Axis legend as in ``model.py``.
 """
 from __future__ import annotations

@@ -32,7 +32,7 @@ admits a new prompt into row r while the others keep their state;
 ``cache.free(r)`` releases it; ``decode_step(..., active=mask)`` advances only
 the active rows (the others compute on a dummy token and keep their length).
 The generation loop itself is ``generation.generate``. Axis legend as in
-``transformer.py``.
+``model.py``.
 """
 from __future__ import annotations
 

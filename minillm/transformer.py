@@ -1,8 +1,6 @@
 """GPT-2 as functions of a parameter dict: embedding, blocks, tied head; forward and backward.
 
-Axis legend (used in every shape comment of the package):
-    B batch · T query length · S key/cache length · C n_embd · H heads ·
-    D head dim (C / H) · V vocab · L layers · F MLP width (4C)
+Axis legend as in ``model.py`` (B T S C H D V L), plus F: a block's MLP width (4C).
 
 Forward (Radford et al. 2019, "GPT-2": pre-LayerNorm, tanh-GELU, learned
 positions, LM head tied to the token embedding):

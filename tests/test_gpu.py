@@ -6,7 +6,7 @@ through ``xp_of``, with or without ``backend.use("cupy")`` (which adds CuPy twin
 import numpy as np
 import pytest
 
-from minillm import GPT, GPTConfig, backend
+from minillm import GPTConfig, backend
 from tests.helpers import assert_close, host_device_pair
 
 CUPY_OK, CUPY_REASON = backend.available()["cupy"]
