@@ -10,3 +10,5 @@ from .tokenizer import BPETokenizer
 
 __version__ = "0.1.0"
 __all__ = ["BPETokenizer", "GPT", "GPTConfig", "backend", "data", "__version__"]
+
+# techniques: one line each, e.g. `from .quantization import quantize; __all__ += ["quantize"]`

@@ -77,6 +77,11 @@ class LinearKind:
         """-> (dx (..., n_in), {suffix: gradient} for the ``trainable`` suffixes)."""
         raise NotImplementedError
 
+    def train_hooks(self, model) -> list:
+        """``train.TrainHook``s that training a model of this kind always needs (e.g.
+        re-applying a pruning mask after each update); ``train`` runs them first."""
+        return []
+
     def __repr__(self) -> str:
         return f"<linear kind {self.name!r}>"
 
@@ -117,6 +122,7 @@ class AttentionKind:
         pos[b] .. pos[b] + T - 1 (pos (B,) host ints) -> y (B, T, H D); updates
         ``state`` in place. Prefill is a step with pos = 0 and T = prompt length.
     ``check_config(config)``: raise ValueError for settings the kind cannot use.
+    ``train_hooks(model)``: training hooks this kind always needs (default none).
     """
 
     name = "?"
@@ -135,6 +141,10 @@ class AttentionKind:
 
     def step(self, qkv, state: tuple, pos, n_head: int, config):
         raise NotImplementedError
+
+    def train_hooks(self, model) -> list:
+        """``train.TrainHook``s that training with this kind always needs (default none)."""
+        return []
 
     def __repr__(self) -> str:
         return f"<attention kind {self.name!r}>"
@@ -168,7 +178,12 @@ class DenseAttention(AttentionKind):
 _LINEAR: dict[str, LinearKind] = {"dense": DenseLinear()}
 _ATTENTION: dict[str, AttentionKind] = {"dense": DenseAttention()}
 # kind name -> module that registers it when imported (technique modules add a line here)
-LAZY_KINDS: dict[str, dict[str, str]] = {"attention": {}, "linear": {}}
+LAZY_KINDS: dict[str, dict[str, str]] = {
+    "attention": {
+    },
+    "linear": {
+    },
+}
 
 
 def register_linear(kind: LinearKind) -> LinearKind:

@@ -13,7 +13,8 @@ One step (``train_step``), and where a ``TrainHook`` plugs in:
     AdamW update of ``model.trainable()``
     hook.after_update(model, ...)             (re-apply pruning masks)
 
-Hooks add numbers to the step's record (it lands in the history) and keep
+The model's kinds may bring hooks of their own (``seams.LinearKind.train_hooks``:
+a pruned layer's mask), which run first. Hooks add numbers to the step's record (it lands in the history) and keep
 state through ``state_dict`` / ``load_state_dict``, saved in the checkpoint
 (``hooks.safetensors``), so a resumed run with stateful hooks is still exact.
 
@@ -203,6 +204,16 @@ class TrainHook:
         """Restore ``state_dict()``'s output (called on resume before the first step)."""
 
 
+def kind_hooks(model) -> list:
+    """The training hooks the model's linear and attention kinds always need."""
+    if model is None:
+        return []
+    from . import seams
+    cfg = model.config
+    return (list(seams.linear_kind(cfg.linear).train_hooks(model))
+            + list(seams.attention_kind(cfg.attention).train_hooks(model)))
+
+
 class ClipGradNorm(TrainHook):
     """Scale all gradients so their global L2 norm is at most ``max_norm`` (None: only
     measure it); records ``grad_norm`` (before clipping). ``norm`` computes the global
@@ -223,10 +234,11 @@ class ClipGradNorm(TrainHook):
         return grads
 
 
-def step_hooks(tcfg: "TrainConfig", hooks=()) -> list:
-    """The run's hooks in order: the given ones, then ``ClipGradNorm(tcfg.grad_clip)``
-    unless one of them clips already. Names must be unique (they key saved state)."""
-    hooks = list(hooks)
+def step_hooks(tcfg: "TrainConfig", hooks=(), model=None) -> list:
+    """The run's hooks in order: those the model's kinds need (``seams``' ``train_hooks``),
+    the given ones, then ``ClipGradNorm(tcfg.grad_clip)`` unless one of them clips
+    already. Names must be unique (they key saved state)."""
+    hooks = kind_hooks(model) + list(hooks)
     for h in hooks:
         if not isinstance(h, TrainHook):
             raise ValueError(f"hooks must be TrainHook instances, got {type(h).__name__}")
@@ -274,7 +286,7 @@ def train(model, train_data, val_data, tcfg: TrainConfig, out_dir=None, resume: 
     is saved with every checkpoint and restored on resume.
     """
     seq_len = _check_train_args(model, train_data, val_data, tcfg, out_dir, resume)
-    hooks = step_hooks(tcfg, hooks)
+    hooks = step_hooks(tcfg, hooks, model)
     opt = AdamW(model.trainable(), lr=tcfg.lr, betas=tcfg.betas, eps=tcfg.eps,
                 weight_decay=tcfg.weight_decay)
     history, evals, start = ([], [], 0)
@@ -306,7 +318,7 @@ def train_step(model, opt: AdamW, train_data, tcfg: TrainConfig, seq_len: int, s
     ``hooks``: the run's hooks in order (``step_hooks``; None: just the clipping of
     ``tcfg.grad_clip``).
     """
-    hooks = step_hooks(tcfg) if hooks is None else hooks
+    hooks = step_hooks(tcfg, model=model) if hooks is None else hooks
     t0 = time.perf_counter()
     B = tcfg.batch_size
     for h in hooks:

@@ -274,3 +274,29 @@ def test_save_hf_refuses_what_gpt2_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="block dims"):
         shrink(nontrivial(CFG64), {0: [0]}, {}).save_hf(tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_kind_brings_its_training_hooks(rng):
+    """A linear kind whose ``train_hooks`` keeps some weights at zero: ``train`` runs it
+    without being told (a pruned model fine-tunes with plain ``train``)."""
+    class ZeroFirstRow(train.TrainHook):
+        name = "zero_first_row"
+
+        def after_update(self, model, step, record):
+            for i in range(model.config.n_layer):
+                model.params[f"h.{i}.mlp.c_fc.weight_t"][:, 0] = 0
+
+    class Pinned(TransposedLinear):
+        name = "pinned_test"
+
+        def train_hooks(self, model):
+            return [ZeroFirstRow()]
+
+    seams.register_linear(Pinned())
+    cfg = dataclasses.replace(CFG64, linear="pinned_test")
+    model = nontrivial(cfg)
+    ids = rng.integers(0, cfg.vocab_size, 200)
+    train.train(model, ids, None, train.TrainConfig(steps=2, batch_size=2, warmup_steps=0),
+                progress=False)
+    assert all((model.params[f"h.{i}.mlp.c_fc.weight_t"][:, 0] == 0).all() for i in range(2))
+    assert (model.params["h.0.mlp.c_fc.weight_t"][:, 1] != 0).all()
