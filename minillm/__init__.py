@@ -3,12 +3,12 @@
     import minillm as mm
     model = mm.GPT(mm.GPTConfig.preset("tiny"), seed=0)
 """
-from . import backend, data
+from . import backend, data, train       # mm.train(...) runs minillm.train.train
 from .config import GPTConfig
 from .model import GPT
 from .tokenizer import BPETokenizer
 
 __version__ = "0.1.0"
-__all__ = ["BPETokenizer", "GPT", "GPTConfig", "backend", "data", "__version__"]
+__all__ = ["BPETokenizer", "GPT", "GPTConfig", "backend", "data", "train", "__version__"]
 
 # techniques: one line each, e.g. `from .quantization import quantize; __all__ += ["quantize"]`

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .backend import kernel, xp_of
-from .layers import softmax_backward, softmax_forward
+from .layers import matmul, softmax_backward, softmax_forward
 
 
 def causal_mask(T: int, S: int, xp=np):
@@ -40,10 +40,11 @@ def sdpa_forward(q, k, v):
     """Causal scaled dot-product attention -> (y (B, H, T, D), cache)."""
     xp = xp_of(q)
     T, S, D = q.shape[2], k.shape[2], q.shape[3]
-    scores = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(D))      # (B, H, T, S)
+    scale = q.dtype.type(1.0 / math.sqrt(D))                          # in q's dtype: bfloat16 stays
+    scores = matmul(q, k.transpose(0, 1, 3, 2)) * scale               # (B, H, T, S)
     scores = xp.where(causal_mask(T, S, xp), scores, -xp.inf).astype(q.dtype)
     att, _ = softmax_forward(scores)                                  # (B, H, T, S)
-    y = att @ v                                                       # (B, H, T, D)
+    y = matmul(att, v)                                                # (B, H, T, D)
     return y, SDPACache(q, k, v, att)
 
 
@@ -51,12 +52,12 @@ def sdpa_forward(q, k, v):
 def sdpa_backward(dy, cache: SDPACache):
     """-> (dq, dk, dv); reverse of: scores = q k^T/sqrt(D), att = softmax, y = att v."""
     q, k, v, att = cache
-    scale = 1.0 / math.sqrt(q.shape[3])
-    datt = dy @ v.transpose(0, 1, 3, 2)                               # (B, H, T, S)
-    dv = att.transpose(0, 1, 3, 2) @ dy                               # (B, H, S, D)
+    scale = q.dtype.type(1.0 / math.sqrt(q.shape[3]))
+    datt = matmul(dy, v.transpose(0, 1, 3, 2))                        # (B, H, T, S)
+    dv = matmul(att.transpose(0, 1, 3, 2), dy)                        # (B, H, S, D)
     dscores = softmax_backward(datt, att) * scale                     # (B, H, T, S) masked entries: att = 0
-    dq = dscores @ k                                                  # (B, H, T, D)
-    dk = dscores.transpose(0, 1, 3, 2) @ q                            # (B, H, S, D)
+    dq = matmul(dscores, k)                                           # (B, H, T, D)
+    dk = matmul(dscores.transpose(0, 1, 3, 2), q)                     # (B, H, S, D)
     return dq, dk, dv
 
 
@@ -109,11 +110,11 @@ def attend(q, k, v, pos):
     """
     xp = xp_of(q)
     T, S, D = q.shape[2], k.shape[2], q.shape[3]
-    scores = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(D))      # (B, H, T, S)
+    scores = matmul(q, k.transpose(0, 1, 3, 2)) * q.dtype.type(1.0 / math.sqrt(D))  # (B, H, T, S)
     mask = key_mask(pos, T, S, xp)[:, None]                            # (B, 1, T, S)
     scores = xp.where(mask, scores, -xp.inf).astype(q.dtype)
     att, _ = softmax_forward(scores)                                   # (B, H, T, S)
-    return att @ v                                                     # (B, H, T, D)
+    return matmul(att, v)                                              # (B, H, T, D)
 
 
 @kernel("attention.append_attend")

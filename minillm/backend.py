@@ -18,6 +18,10 @@ environment variable ``MINILLM_BACKEND``. An unknown name is a ``ValueError``;
 asking for one that cannot run raises ``BackendError`` saying why and what is
 available; nothing falls back silently.
 
+Twins are compiled for float32 and float64; a half-precision call (float16 or
+bfloat16 arrays, ``minillm.precision``) runs the reference unless the twin
+says ``accepts_half = True``.
+
 Dispatch follows the data, not only the switch: a kernel called on arrays
 that live on a device (CuPy's, or any registered array module whose arrays
 say so through ``__array_namespace__``) runs that device backend's twin or the
@@ -133,6 +137,8 @@ def kernel(name: str) -> Callable[[Callable], Callable]:
         @functools.wraps(fn)
         def dispatch(*args, **kwargs):
             twin = _table_for(args).get(name)
+            if twin is not None and _is_half(args) and not getattr(twin, "accepts_half", False):
+                twin = None          # a twin compiled for float32/64 only: the reference runs
             return (twin or fn)(*args, **kwargs)
 
         dispatch.kernel_name = name
@@ -148,6 +154,17 @@ def _table_for(args) -> dict:
         return device.KERNELS
     module = current_module()
     return module.KERNELS if module.xp is np else {}
+
+
+def _is_half(args) -> bool:
+    """True when the first float array among ``args`` is float16 or bfloat16 (2 bytes)."""
+    for a in args:
+        if isinstance(a, tuple) and a and not isinstance(a[0], tuple):
+            a = a[0]
+        dtype = getattr(a, "dtype", None)
+        if dtype is not None and dtype.kind in "fV":
+            return dtype.itemsize == 2
+    return False
 
 
 def _device_of(args):

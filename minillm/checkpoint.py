@@ -30,15 +30,25 @@ MODEL_FILE, CONFIG_FILE, META_FILE = "model.safetensors", "config.json", "meta.j
 
 # --- low-level: one safetensors file ------------------------------------------
 def write_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
-    """Write ``{name: array}`` to ``path`` (safetensors, C-contiguous copies), atomically."""
+    """Write ``{name: array}`` to ``path`` (safetensors, C-contiguous copies), atomically.
+
+    bfloat16 arrays (``ml_dtypes``) are stored with safetensors' own "BF16" tag:
+    the library's NumPy API lacks the dtype, so they go in as their uint16 bits
+    and the header's tag is set to "BF16" (the bytes are the same).
+    """
     from safetensors.numpy import save as st_save
     arrays = {k: np.ascontiguousarray(to_numpy(v)) for k, v in tensors.items()}
+    bf16 = {k for k, a in arrays.items() if a.dtype.name == "bfloat16"}
+    arrays = {k: a.view(np.uint16) if k in bf16 else a for k, a in arrays.items()}
     data = st_save(arrays, metadata={k: str(v) for k, v in (metadata or {}).items()})
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, _retag(data, bf16, "BF16") if bf16 else data)
 
 
 def read_tensors(path: Path) -> dict[str, np.ndarray]:
-    """Read a safetensors file; any malformed or non-safetensors file -> ValueError."""
+    """Read a safetensors file; any malformed or non-safetensors file -> ValueError.
+
+    "BF16" tensors come back as ``ml_dtypes.bfloat16`` arrays.
+    """
     from safetensors.numpy import load as st_load
     path = Path(path)
     if not path.is_file():
@@ -51,9 +61,27 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
         raise ValueError(f"{str(path)!r} is truncated or not safetensors: header says "
                          f"{header_len} bytes, file has {len(raw) - 8}")
     try:
-        return st_load(raw)
-    except Exception as exc:  # SafetensorError and friends: corrupt data
+        header = json.loads(raw[8:8 + header_len])
+        bf16 = {k for k, v in header.items() if isinstance(v, dict) and v.get("dtype") == "BF16"}
+        tensors = st_load(_retag(raw, bf16, "U16") if bf16 else raw)
+    except Exception as exc:  # SafetensorError, JSON errors and friends: corrupt data
         raise ValueError(f"{str(path)!r} is not a valid safetensors file: {exc}") from None
+    if bf16:
+        from .config import np_dtype
+        tensors.update({k: tensors[k].view(np_dtype("bfloat16")) for k in bf16})
+    return tensors
+
+
+def _retag(data: bytes, names: set, dtype: str) -> bytes:
+    """The safetensors bytes ``data`` with the dtype tag of tensors ``names`` set to ``dtype``
+    (same element size: only the JSON header changes, so the data offsets still hold)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    for name in names:
+        header[name]["dtype"] = dtype
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)                            # keep the data 8-byte aligned
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
 
 
 def write_json(path: Path, obj) -> None:
@@ -148,7 +176,6 @@ def load_meta(path) -> dict | None:
 HF_PREFIX = "transformer."
 HF_BUFFERS = (".attn.bias", ".attn.masked_bias")     # causal-mask buffers of old checkpoints
 HF_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")    # both are GELU's tanh form, as ours
-_HF_DTYPES = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "BF16": None}
 
 
 def hf_config(obj: dict) -> GPTConfig:
@@ -177,29 +204,10 @@ def hf_config(obj: dict) -> GPTConfig:
 
 
 def _read_st_any(path: Path) -> dict[str, np.ndarray]:
-    """Like ``read_tensors`` but also reads bfloat16 (NumPy has no such dtype: widened to float32)."""
-    raw = Path(path).read_bytes() if Path(path).is_file() else b""
-    n = int.from_bytes(raw[:8], "little") if len(raw) >= 8 else 0
-    try:
-        header = json.loads(raw[8:8 + n]) if 0 < n <= len(raw) - 8 else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        header = {}
-    if not any(isinstance(v, dict) and v.get("dtype") == "BF16" for v in header.values()):
-        return read_tensors(path)
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        lo, hi = info["data_offsets"]
-        buf = raw[8 + n + lo:8 + n + hi]
-        if info["dtype"] == "BF16":   # bfloat16 = the high 16 bits of a float32
-            a = (np.frombuffer(buf, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
-        elif _HF_DTYPES.get(info["dtype"]) is not None:
-            a = np.frombuffer(buf, dtype=np.dtype(_HF_DTYPES[info["dtype"]]).newbyteorder("<"))
-        else:
-            raise ValueError(f"{str(path)!r}: tensor {name!r} has dtype {info['dtype']}, not a float")
-        out[name] = a.reshape(info["shape"])
-    return out
+    """Like ``read_tensors``, with bfloat16 weights widened to float32 (an HF checkpoint's
+    bf16 weights become the float32 model's)."""
+    tensors = read_tensors(path)          # (buffers of any dtype pass; load_hf drops them by name)
+    return {k: a.astype(np.float32) if a.dtype.name == "bfloat16" else a for k, a in tensors.items()}
 
 
 def _hf_tensors(path: Path) -> dict[str, np.ndarray]:

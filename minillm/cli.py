@@ -95,6 +95,8 @@ _TRAIN_FLAGS = [
     ("--eval-interval", int, "evaluate every N steps and at the end (0: only at the end)"),
     ("--eval-batches", int, "validation batches per evaluation"),
     ("--checkpoint-interval", int, "save every N steps and at the end (0: only at the end)"),
+    ("--precision", str, "fp32, or fp16 / bf16 compute on fp32 master weights (minillm.precision)"),
+    ("--micro-batch-size", int, "rows per forward/backward; gradients accumulated (default: whole batch)"),
 ]
 
 

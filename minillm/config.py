@@ -9,7 +9,15 @@ import numpy as np
 
 from .checks import check_int
 
-_DTYPES = ("float32", "float64")
+_DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
+def np_dtype(name: str) -> np.dtype:
+    """The NumPy dtype of a dtype name; "bfloat16" is ``ml_dtypes.bfloat16`` (NumPy has none)."""
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 
 
 @dataclass(frozen=True)
@@ -21,7 +29,8 @@ class GPTConfig:
     n_layer     L   transformer blocks
     n_head      H   attention heads; head size D = n_embd // n_head
     n_embd      C   width of the residual stream
-    dtype           "float32" (default) or "float64" (for gradient checks)
+    dtype           "float32" (default), "float64" (for gradient checks), or a half
+                    precision, "float16" / "bfloat16" (see ``minillm.precision``)
     ln_eps          LayerNorm epsilon (GPT-2 uses 1e-5)
     attention       the attention kind ("dense": GPT-2's); see ``minillm.seams``
     linear          the linear-layer kind of the blocks ("dense": float weights)
@@ -63,7 +72,7 @@ class GPTConfig:
 
     @property
     def np_dtype(self) -> np.dtype:
-        return np.dtype(self.dtype)
+        return np_dtype(self.dtype)
 
     def num_params(self) -> int:
         """Parameter count (the tied LM head is counted once)."""

@@ -8,6 +8,13 @@ the order the forward took them. Every op keeps its input dtype. Axis legend
 Kernels registered with ``@kernel`` may be replaced by a twin of the same
 name in the active backend (see ``minillm.backend``); the code below is the
 reference those twins are tested against.
+
+Half precision (float16, bfloat16; ``minillm.precision`` has the full table):
+matmuls take half operands, multiply and accumulate in float32 and round the
+result back (``matmul``: what tensor cores do; a product of two halves is
+exact in float32); LayerNorm statistics, GELU, softmax and the loss are
+computed in float32 (``f32``) and rounded back to the input's dtype. For
+float32 and float64 inputs both helpers are the identity: nothing changes.
 """
 from __future__ import annotations
 
@@ -17,6 +24,24 @@ from typing import NamedTuple
 import numpy as np
 
 from .backend import kernel, xp_of
+
+
+# --- half precision: where float32 is used -----------------------------------------
+def is_half(x) -> bool:
+    """float16 or bfloat16 (2-byte floats; bfloat16's NumPy kind is 'V')."""
+    return x.dtype.itemsize == 2 and x.dtype.kind in "fV"
+
+
+def f32(x):
+    """``x`` in float32 when it is half precision, else ``x`` itself (no copy)."""
+    return x.astype(np.float32) if is_half(x) else x
+
+
+def matmul(a, b):
+    """a @ b; half operands are multiplied and accumulated in float32, then rounded back."""
+    if is_half(a):
+        return (a.astype(np.float32) @ b.astype(np.float32)).astype(a.dtype)
+    return a @ b
 
 
 # --- embedding -------------------------------------------------------------
@@ -47,15 +72,16 @@ def embedding_backward(dx, cache: EmbeddingCache):
     """-> (dwte (V, C), dwpe (T_max, C)); rows never looked up get zero."""
     xp = xp_of(dx)
     C = dx.shape[-1]
-    dwte = xp.zeros((cache.vocab_size, C), dtype=dx.dtype)
+    dx32 = f32(dx)                                                     # sums in float32 for halves
+    dwte = xp.zeros((cache.vocab_size, C), dtype=dx32.dtype)
     # a token id can repeat in the batch: scatter-*add*, not assign
-    xp.add.at(dwte, cache.idx.reshape(-1), dx.reshape(-1, C))
-    dwpe = xp.zeros((cache.block_size, C), dtype=dx.dtype)
+    xp.add.at(dwte, cache.idx.reshape(-1), dx32.reshape(-1, C))
+    dwpe = xp.zeros((cache.block_size, C), dtype=dx32.dtype)
     if cache.positions.ndim == 1:                                      # shared by all rows: distinct
-        dwpe[cache.positions] = dx.sum(axis=0)                         # (T, C)
+        dwpe[cache.positions] = dx32.sum(axis=0)                       # (T, C)
     else:
-        xp.add.at(dwpe, cache.positions.reshape(-1), dx.reshape(-1, C))
-    return dwte, dwpe
+        xp.add.at(dwpe, cache.positions.reshape(-1), dx32.reshape(-1, C))
+    return dwte.astype(dx.dtype, copy=False), dwpe.astype(dx.dtype, copy=False)
 
 
 # --- linear (GPT-2 "Conv1D" layout: w is (in, out), y = x @ w + b) ---------
@@ -68,7 +94,7 @@ class LinearCache(NamedTuple):
 @kernel("layers.linear_forward")
 def linear_forward(x, w, b=None):
     """y = x @ w + b   (..., Cin) -> (..., Cout)."""
-    y = x @ w
+    y = matmul(x, w)
     if b is not None:
         y += b
     return y, LinearCache(x, w, b is not None)
@@ -78,11 +104,11 @@ def linear_forward(x, w, b=None):
 def linear_backward(dy, cache: LinearCache):
     """-> (dx (..., Cin), dw (Cin, Cout), db (Cout,) or None)."""
     x, w, has_bias = cache
-    dx = dy @ w.T                                           # (..., Cin)
+    dx = matmul(dy, w.T)                                    # (..., Cin)
     x2 = x.reshape(-1, x.shape[-1])                         # (N, Cin)
     dy2 = dy.reshape(-1, dy.shape[-1])                      # (N, Cout)
-    dw = x2.T @ dy2                                         # (Cin, Cout)
-    db = dy2.sum(axis=0) if has_bias else None              # (Cout,)
+    dw = matmul(x2.T, dy2)                                  # (Cin, Cout)
+    db = f32(dy2).sum(axis=0).astype(dy.dtype, copy=False) if has_bias else None   # (Cout,)
     return dx, dw, db
 
 
@@ -95,26 +121,29 @@ class LayerNormCache(NamedTuple):
 
 @kernel("layers.layernorm_forward")
 def layernorm_forward(x, w, b, eps: float = 1e-5):
-    """y = (x - mean) / sqrt(var + eps) * w + b over the last axis."""
-    mean = x.mean(axis=-1, keepdims=True)                   # (..., 1)
-    xc = x - mean                                           # (..., C)
+    """y = (x - mean) / sqrt(var + eps) * w + b over the last axis (statistics in float32
+    or wider; xhat and rstd are kept at that precision)."""
+    xs = f32(x)
+    mean = xs.mean(axis=-1, keepdims=True)                  # (..., 1)
+    xc = xs - mean                                          # (..., C)
     var = (xc * xc).mean(axis=-1, keepdims=True)            # (..., 1) biased, as GPT-2
     rstd = 1.0 / np.sqrt(var + eps)                         # (..., 1)
     xhat = xc * rstd                                        # (..., C)
-    return xhat * w + b, LayerNormCache(xhat, rstd, w)
+    y = xhat * f32(w) + f32(b)
+    return y.astype(x.dtype, copy=False), LayerNormCache(xhat, rstd, w)
 
 
 @kernel("layers.layernorm_backward")
 def layernorm_backward(dy, cache: LayerNormCache):
     """-> (dx, dw, db). dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w."""
     xhat, rstd, w = cache
-    C = dy.shape[-1]
+    C, dtype, dy = dy.shape[-1], dy.dtype, f32(dy)
     dw = (dy * xhat).reshape(-1, C).sum(axis=0)             # (C,)
     db = dy.reshape(-1, C).sum(axis=0)                      # (C,)
-    g = dy * w                                              # (..., C)
+    g = dy * f32(w)                                         # (..., C)
     dx = (g - g.mean(axis=-1, keepdims=True)
           - xhat * (g * xhat).mean(axis=-1, keepdims=True)) * rstd
-    return dx, dw, db
+    return tuple(a.astype(dtype, copy=False) for a in (dx, dw, db))
 
 
 # --- GELU, tanh approximation (Hendrycks & Gimpel 2016, eq. as in GPT-2) -----
@@ -125,31 +154,35 @@ _GELU_A = 0.044715
 @kernel("layers.gelu_forward")
 def gelu_forward(x):
     """y = 0.5 x (1 + tanh(s (x + a x^3))); cache = x (tanh is recomputed)."""
-    y = 0.5 * x * (1.0 + np.tanh(_GELU_S * (x + _GELU_A * x * x * x)))
-    return y, x
+    u = f32(x)
+    y = 0.5 * u * (1.0 + np.tanh(_GELU_S * (u + _GELU_A * u * u * u)))
+    return y.astype(x.dtype, copy=False), x
 
 
 @kernel("layers.gelu_backward")
 def gelu_backward(dy, x):
     """dy * d/dx gelu(x) = dy * (0.5 (1 + t) + 0.5 x (1 - t^2) s (1 + 3 a x^2))."""
-    t = np.tanh(_GELU_S * (x + _GELU_A * x * x * x))
-    dgelu = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_S * (1.0 + 3.0 * _GELU_A * x * x)
-    return dy * dgelu
+    u = f32(x)
+    t = np.tanh(_GELU_S * (u + _GELU_A * u * u * u))
+    dgelu = 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * _GELU_S * (1.0 + 3.0 * _GELU_A * u * u)
+    return (f32(dy) * dgelu).astype(dy.dtype, copy=False)
 
 
 # --- softmax over the last axis ----------------------------------------------
 @kernel("layers.softmax_forward")
 def softmax_forward(x):
     """y = exp(x - max x) / sum exp(x - max x); -inf entries give exactly 0."""
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    y = e / e.sum(axis=-1, keepdims=True)
+    z = f32(x)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    y = (e / e.sum(axis=-1, keepdims=True)).astype(x.dtype, copy=False)
     return y, y
 
 
 @kernel("layers.softmax_backward")
 def softmax_backward(dy, y):
     """dx = y * (dy - sum(dy * y)) (the Jacobian diag(y) - y y^T applied to dy)."""
-    return y * (dy - (dy * y).sum(axis=-1, keepdims=True))
+    g, p = f32(dy), f32(y)
+    return (p * (g - (g * p).sum(axis=-1, keepdims=True))).astype(dy.dtype, copy=False)
 
 
 # --- cross-entropy from logits, mean over positions -----------------------
@@ -162,7 +195,7 @@ class CrossEntropyCache(NamedTuple):
 def cross_entropy_forward(logits, targets):
     """loss = mean_n -log softmax(logits_n)[targets_n]; logits (..., V), targets (...)."""
     V = logits.shape[-1]
-    z = logits.reshape(-1, V)                               # (N, V)
+    z = f32(logits).reshape(-1, V)                          # (N, V) the loss is float32 or wider
     t = targets.reshape(-1)                                 # (N,)
     z = z - z.max(axis=-1, keepdims=True)
     logsumexp = np.log(np.exp(z).sum(axis=-1))              # (N,)

@@ -17,6 +17,8 @@ head count and MLP width are read from its parameter shapes.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from . import generation, layers, seams, transformer
@@ -101,6 +103,21 @@ class GPT:
                        for k, v in self.params.items()}
         return self
 
+    def astype(self, dtype) -> "GPT":
+        """A copy with the float parameters stored in ``dtype``: "float32", "float64",
+        "float16" or "bfloat16" (``ml_dtypes``); integer parameters a linear kind holds
+        (int8 codes, masks) are kept. The config's dtype follows, so the copy computes
+        in that precision (half: see ``minillm.precision``)."""
+        from .config import _DTYPES
+        name = dtype if isinstance(dtype, str) else getattr(np.dtype(dtype), "name", dtype) \
+            if _is_dtype_like(dtype) else dtype
+        if name not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r} must be a float dtype, one of {list(_DTYPES)}")
+        config = dataclasses.replace(self.config, dtype=name)
+        old, new = self.config.np_dtype, config.np_dtype
+        params = {k: (v.astype(new) if v.dtype == old else v) for k, v in self.params.items()}
+        return GPT(config, params=params)
+
     def num_params(self) -> int:
         """Parameter count (tied head counted once; every stored entry counts, int8 too)."""
         return int(sum(v.size for v in self.params.values()))
@@ -164,7 +181,7 @@ class GPT:
         logits, cache = self.forward_train(idx)                                       # (B, T, V)
         loss, ce = layers.cross_entropy_forward(logits, targets)
         dlogits = layers.cross_entropy_backward(1.0, ce, logits.shape)                # (B, T, V)
-        return float(loss), self.backward(dlogits, cache)
+        return float(loss), self.backward(dlogits.astype(logits.dtype, copy=False), cache)
 
     def _check_pair(self, idx, targets):
         idx, targets = self.check_idx(idx), self.check_idx(targets, "targets")
@@ -224,6 +241,14 @@ class GPT:
         c = self.config
         return (f"GPT(V={c.vocab_size}, T={c.block_size}, L={c.n_layer}, H={c.n_head}, "
                 f"C={c.n_embd}, dtype={c.dtype}, params={self.num_params():,})")
+
+
+def _is_dtype_like(x) -> bool:
+    try:
+        np.dtype(x)
+        return True
+    except TypeError:
+        return False
 
 
 def check_tokens(idx, config: GPTConfig, name: str = "idx", pos0: int = 0, xp=np):

@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -47,7 +49,7 @@ from .data import get_batch
 from .backend import to_numpy
 from .optim import AdamW, grad_norm, lr_schedule
 
-from .checks import check_float, check_int
+from .checks import check_choice, check_float, check_int
 
 TOKENIZER_FILE = "tokenizer.model"
 # Fields that may differ between a run and its resume without changing the losses.
@@ -72,6 +74,8 @@ class TrainConfig:
     seed                seeds the batches (step s uses default_rng([seed, s]))
     micro_batch_size    rows per forward/backward; a larger step batch is split and its
                         gradients accumulated (None: the whole batch at once)
+    precision           "fp32", or "fp16" / "bf16": half-precision compute on fp32 master
+                        weights (fp16 with a loss scaler), see ``minillm.precision``
     """
 
     steps: int = 1000
@@ -89,6 +93,7 @@ class TrainConfig:
     checkpoint_interval: int = 0
     seed: int = 0
     micro_batch_size: int | None = None
+    precision: str = "fp32"
 
     def __post_init__(self):
         ints = (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("eval_interval", 0),
@@ -105,6 +110,7 @@ class TrainConfig:
         if self.grad_clip is not None:
             check_float("grad_clip", self.grad_clip, 0)               # 0 disables
         check_float("eps", self.eps, 0, lo_open=True)
+        check_choice("precision", self.precision, ("fp32", "fp16", "bf16"))
         betas = tuple(self.betas)
         if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
             raise ValueError(f"betas={self.betas!r} must be two numbers in [0, 1)")
@@ -226,7 +232,8 @@ class ClipGradNorm(TrainHook):
 
     def transform_grads(self, grads, step, record):
         total = self.norm(grads)
-        if self.max_norm is not None and total > self.max_norm:
+        # (an inf/nan norm: nothing to clip; the step is skipped or training diverged)
+        if self.max_norm is not None and math.isfinite(total) and total > self.max_norm:
             scale = self.max_norm / total
             for g in grads.values():
                 g *= scale
@@ -236,9 +243,11 @@ class ClipGradNorm(TrainHook):
 
 def step_hooks(tcfg: "TrainConfig", hooks=(), model=None) -> list:
     """The run's hooks in order: those the model's kinds need (``seams``' ``train_hooks``),
-    the given ones, then ``ClipGradNorm(tcfg.grad_clip)`` unless one of them clips
-    already. Names must be unique (they key saved state)."""
-    hooks = kind_hooks(model) + list(hooks)
+    the precision's (``tcfg.precision``: fp16/bf16 compute, loss scaling), the given
+    ones, then ``ClipGradNorm(tcfg.grad_clip)`` unless one of them clips already.
+    Names must be unique (they key saved state)."""
+    from .precision import precision_hooks
+    hooks = kind_hooks(model) + precision_hooks(tcfg.precision) + list(hooks)
     for h in hooks:
         if not isinstance(h, TrainHook):
             raise ValueError(f"hooks must be TrainHook instances, got {type(h).__name__}")
@@ -508,3 +517,14 @@ def _check_same_run(saved: TrainConfig, tcfg: TrainConfig, out_dir) -> None:
     if diff:
         raise ValueError(f"cannot resume {str(out_dir)!r} with a different train config "
                          f"({'; '.join(diff)}); only {', '.join(_RESUME_FREE)} may change")
+
+
+class _CallableModule(types.ModuleType):
+    """``mm.train(model, train_ids, val_ids, tcfg, ...)`` calls ``train`` while
+    ``minillm.train`` stays this module (``from minillm.train import TrainConfig``)."""
+
+    def __call__(self, *args, **kwargs) -> TrainResult:
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
