@@ -18,6 +18,9 @@ _PARTS = (
     "backends.numba_layers",
     "backends.numba_decode",
     "backends.numba_bpe",
+    "backends.numba_quant",
+    "backends.numba_pruning",
+    "backends.numba_precision",
 )
 
 try:

@@ -69,13 +69,6 @@ def load_transformers(model):
     return hf, torch, f"transformers {transformers.__version__}, torch {torch.__version__}"
 
 
-def stream_gbs(nbytes: int = 256 * 2**20) -> float:
-    """Read bandwidth of this machine now: GB/s of summing a large float32 array (best of 5)."""
-    a = np.ones(nbytes // 4, dtype=np.float32)
-    best = timing.median_time(a.sum, repeats=5, warmup=1)["min_s"]
-    return a.nbytes / best / 1e9
-
-
 def bytes_per_token(model, n_new: int) -> int:
     """Bytes a B=1 decode step reads: every weight except the position table (one row of
     it), plus the cache's filled K/V at the run's mean length."""
@@ -116,7 +109,7 @@ def run(args) -> dict:
     for r in rows:
         r["tok_s"] = r["n_new"] / r["seconds"]
     batch = batch_rows(model, backends, args)
-    gbs = stream_gbs()
+    gbs = timing.stream_read_gbs()
     for r in rows:
         if r["cache"] and r["impl"].startswith("minillm"):
             r["bytes_per_token"] = bytes_per_token(model, r["n_new"])

@@ -12,3 +12,6 @@ __version__ = "0.1.0"
 __all__ = ["BPETokenizer", "GPT", "GPTConfig", "backend", "data", "train", "__version__"]
 
 # techniques: one line each, e.g. `from .quantization import quantize; __all__ += ["quantize"]`
+from .pruning import prune, sparsity; __all__ += ["prune", "sparsity"]  # noqa: E402
+from .quantization import quantize; __all__ += ["quantize"]  # noqa: E402
+from .distillation import distill; __all__ += ["distill"]  # noqa: E402

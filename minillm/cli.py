@@ -66,10 +66,23 @@ def add_train(sub) -> None:
     p.add_argument("--n-layer", type=int, default=None, help="override the preset's n_layer")
     p.add_argument("--n-head", type=int, default=None, help="override the preset's n_head")
     p.add_argument("--n-embd", type=int, default=None, help="override the preset's n_embd")
+    p.add_argument("--attention", default=None,
+                   help="attention kind: dense (default), window, strided, block, linear "
+                        "(minillm.sparse_attention, minillm.linear_attention)")
+    p.add_argument("--window", type=int, default=None, help="window: its width; strided: the local width")
+    p.add_argument("--stride", type=int, default=None, help="strided attention's stride")
+    p.add_argument("--block", type=int, default=None, help="block attention's block size")
+    p.add_argument("--n-global", type=int, default=None, help="block attention's global tokens")
     p.add_argument("--corpus", default=None, help="UTF-8 text file (default: the embedded KJV)")
     p.add_argument("--max-chars", type=int, default=None, help="use only the first N characters")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="last fraction of the ids held out for validation (default: 0.1)")
+    _add_train_flags(p)
+    p.set_defaults(func=run_train)
+
+
+def _add_train_flags(p) -> None:
+    """The TrainConfig flags, --seed and --no-progress (shared by train and distill)."""
     from minillm.train import TrainConfig
     group = p.add_argument_group("training (minillm.train.TrainConfig; on --resume: the checkpoint's)")
     for flag, kind, help_text in _TRAIN_FLAGS:
@@ -79,8 +92,9 @@ def add_train(sub) -> None:
         group.add_argument(flag, type=kind, default=None, help=help_text)
     p.add_argument("--seed", type=int, default=None, help="seeds model init and batches (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_train)
 
+
+_ATTENTION_ARGS = ("attention", "window", "stride", "block", "n_global")   # GPTConfig fields
 
 # flag -> TrainConfig field (dashes become underscores)
 _TRAIN_FLAGS = [
@@ -119,21 +133,22 @@ def run_train(args) -> int:
     from minillm.train import TOKENIZER_FILE, train
 
     out = Path(args.out)
-    text = data.load_corpus(args.corpus)
-    if args.max_chars is not None:
-        if args.max_chars < 1:
-            raise ValueError(f"--max-chars={args.max_chars} must be >= 1")
-        text = text[:args.max_chars]
+    text = _corpus_text(args)
     if args.resume:
         meta = checkpoint.load_meta(out) if out.is_dir() else None
         if meta is None:
             raise ValueError(f"--resume: {str(out)!r} holds no training checkpoint (meta.json)")
         model, tok = mm.GPT.load(out), BPETokenizer.load(out / TOKENIZER_FILE)
+        for k in _ATTENTION_ARGS:           # a checkpoint's attention is its own
+            if getattr(args, k) is not None and getattr(args, k) != getattr(model.config, k):
+                raise ValueError(f"--{k.replace('_', '-')}={getattr(args, k)!r}: the checkpoint "
+                                 f"{str(out)!r} was trained with {k}={getattr(model.config, k)!r}")
         tcfg = _train_config(args, meta.get("train_config"))
     else:
         tcfg = _train_config(args, None)
         overrides = {k: getattr(args, k) for k in ("block_size", "n_layer", "n_head", "n_embd")
-                     if getattr(args, k) is not None}
+                     + _ATTENTION_ARGS if getattr(args, k) is not None}
+        mm.GPTConfig.preset(args.preset, **overrides)          # bad settings fail before BPE training
         vocab = args.vocab_size or mm.GPTConfig.preset(args.preset).vocab_size
         print(f"training a BPE tokenizer (vocab {vocab}) on {len(text):,} characters ...")
         tok = BPETokenizer.train(text, vocab, progress=not args.no_progress)
@@ -146,6 +161,17 @@ def run_train(args) -> int:
                 progress=not args.no_progress, tokenizer=tok)
     _print_train_summary(res, out)
     return 0
+
+
+def _corpus_text(args) -> str:
+    """--corpus (default: the embedded KJV), cut to --max-chars (shared by train and distill)."""
+    from minillm import data
+    text = data.load_corpus(args.corpus)
+    if args.max_chars is not None:
+        if args.max_chars < 1:
+            raise ValueError(f"--max-chars={args.max_chars} must be >= 1")
+        text = text[:args.max_chars]
+    return text
 
 
 def _print_train_summary(res, out) -> None:
@@ -362,6 +388,93 @@ def run_tokenizer(args) -> int:
 
 
 COMMANDS.append(add_tokenizer)
+
+
+DISTILL_EXAMPLES = """examples:
+  minillm distill --teacher runs/small --preset tiny --steps 300 --out runs/student
+  minillm distill --teacher runs/small --n-layer 2 --n-embd 128 --temperature 4 --alpha 0.9 --out runs/s
+  minillm distill --teacher runs/small --kind reverse --steps 300 --out runs/rkl
+  minillm distill --teacher runs/small --out runs/student --resume --steps 600
+"""
+
+
+def add_distill(sub) -> None:
+    p = sub.add_parser(
+        "distill", help="train a small student on a trained teacher's soft targets (KD)",
+        description="Knowledge distillation (minillm.distillation): a student GPT of --preset "
+                    "(with the teacher's vocabulary and block size unless overridden) learns "
+                    "alpha * T^2 * KL(teacher || student) at temperature T plus (1 - alpha) * "
+                    "cross-entropy, on the corpus encoded with the teacher's tokenizer "
+                    "(--teacher DIR holds tokenizer.model, as written by 'minillm train'). "
+                    "Checkpoints, progress bar and an exact --resume as 'minillm train'; on "
+                    "--resume the student and the KD settings come from --out.",
+        epilog=DISTILL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", required=True, help="teacher checkpoint directory (with tokenizer.model)")
+    p.add_argument("--out", required=True, help="student checkpoint directory")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--preset", default="tiny", help="student preset: tiny, small, gpt2 (default: tiny)")
+    for name in ("block-size", "n-layer", "n-head", "n-embd"):
+        p.add_argument(f"--{name}", type=int, default=None, help=f"override the preset's {name.replace('-', '_')}")
+    p.add_argument("--temperature", type=float, default=None, help="softmax temperature T (default: 2.0)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="weight of the KD term; 1 - alpha weighs cross-entropy (default: 0.5)")
+    p.add_argument("--kind", default=None, choices=["forward", "reverse"],
+                   help="KL(teacher || student) or KL(student || teacher) (default: forward)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="precompute the teacher's top-k logits once and train from them")
+    p.add_argument("--corpus", default=None, help="UTF-8 text file (default: the embedded KJV)")
+    p.add_argument("--max-chars", type=int, default=None, help="use only the first N characters")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="last fraction of the ids held out for validation (default: 0.1)")
+    _add_train_flags(p)
+    p.set_defaults(func=run_distill)
+
+
+def run_distill(args) -> int:
+    from pathlib import Path
+
+    import minillm as mm
+    from minillm import checkpoint, data, distillation
+    from minillm.tokenizer import BPETokenizer
+    from minillm.train import TOKENIZER_FILE
+
+    teacher_dir, out = Path(args.teacher), Path(args.out)
+    if not (teacher_dir / TOKENIZER_FILE).is_file():
+        raise ValueError(f"--teacher={str(teacher_dir)!r} holds no {TOKENIZER_FILE} (a directory "
+                         f"written by 'minillm train'): the student must share its tokenizer")
+    teacher, tok = mm.GPT.load(teacher_dir), BPETokenizer.load(teacher_dir / TOKENIZER_FILE)
+    kd = {"temperature": 2.0, "alpha": 0.5, "kind": "forward", "top_k": None}
+    if args.resume:
+        meta = checkpoint.load_meta(out) if out.is_dir() else None
+        if meta is None:
+            raise ValueError(f"--resume: {str(out)!r} holds no training checkpoint (meta.json)")
+        if (out / TOKENIZER_FILE).read_bytes() != (teacher_dir / TOKENIZER_FILE).read_bytes():
+            raise ValueError(f"--teacher={str(teacher_dir)!r} has another tokenizer than the "
+                             f"student in --out={str(out)!r}: resume with the same teacher")
+        kd |= distillation.settings_of({k.split(".", 1)[1]: v for k, v in
+                                        (checkpoint.load_extra(out, "hooks") or {}).items()
+                                        if k.startswith("distill.")})
+        scfg, tcfg = mm.GPT.load(out).config, _train_config(args, meta.get("train_config"))
+    else:
+        overrides = {k: getattr(args, k) for k in ("block_size", "n_layer", "n_head", "n_embd")
+                     if getattr(args, k) is not None}
+        scfg = mm.GPTConfig.preset(args.preset, **{"vocab_size": teacher.config.vocab_size,
+                                                   "block_size": teacher.config.block_size,
+                                                   **overrides})
+        tcfg = _train_config(args, None)
+    kd |= {k: getattr(args, k) for k in kd if getattr(args, k) is not None}
+    train_ids, val_ids = data.split(data.encode_corpus(tok, _corpus_text(args)), args.val_fraction)
+    print(f"teacher {teacher} -> student L={scfg.n_layer} H={scfg.n_head} C={scfg.n_embd} "
+          f"({scfg.num_params():,} params); KD {kd}; {tcfg}")
+    res = distillation.distill_run(teacher, scfg, tcfg.steps, seed=tcfg.seed, tokenizer=tok,
+                                   train_ids=train_ids, val_ids=val_ids, train_config=tcfg,
+                                   out_dir=out, resume=args.resume,
+                                   progress=not args.no_progress, **kd)
+    _print_train_summary(res, out)
+    return 0
+
+
+COMMANDS.append(add_distill)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minillm", description=__doc__.splitlines()[0])

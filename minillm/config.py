@@ -34,6 +34,10 @@ class GPTConfig:
     ln_eps          LayerNorm epsilon (GPT-2 uses 1e-5)
     attention       the attention kind ("dense": GPT-2's); see ``minillm.seams``
     linear          the linear-layer kind of the blocks ("dense": float weights)
+    window, stride, block, n_global
+                    pattern settings of the sparse attention kinds (None: unset);
+                    each kind's ``check_config`` says which it uses
+                    (``minillm.sparse_attention``)
 
     The config is the model's *default* shape: a block's head count and MLP
     width are read from its parameters (``seams.block_dims``), so a model whose
@@ -49,6 +53,10 @@ class GPTConfig:
     ln_eps: float = 1e-5
     attention: str = "dense"
     linear: str = "dense"
+    window: int | None = None
+    stride: int | None = None
+    block: int | None = None
+    n_global: int | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):

@@ -159,6 +159,13 @@ class DenseAttention(AttentionKind):
 
     name = "dense"
 
+    def check_config(self, config):
+        for field in ("window", "stride", "block", "n_global"):     # the sparse kinds' settings
+            if getattr(config, field, None) is not None:
+                raise ValueError(f"{field}={getattr(config, field)!r} is not used by attention='dense'; "
+                                 f"leave it unset (None) or choose a kind that uses it "
+                                 f"(minillm.sparse_attention)")
+
     def forward(self, qkv, n_head, config):
         return attn.self_attention_forward(qkv, n_head)
 
@@ -180,8 +187,17 @@ _ATTENTION: dict[str, AttentionKind] = {"dense": DenseAttention()}
 # kind name -> module that registers it when imported (technique modules add a line here)
 LAZY_KINDS: dict[str, dict[str, str]] = {
     "attention": {
+        "window": "minillm.sparse_attention",
+        "strided": "minillm.sparse_attention",
+        "block": "minillm.sparse_attention",
+        "linear": "minillm.linear_attention",
     },
     "linear": {
+        "w8": "minillm.quantization",
+        "w8a8": "minillm.quantization",
+        "llm_int8": "minillm.quantization",
+        "w4g64": "minillm.quantization",
+        "sparse": "minillm.pruning",
     },
 }
 

@@ -110,3 +110,12 @@ def machine_line() -> str:
         live.append(f"numba {t['numba_threads']}")
     pools = f"; threads: {', '.join(live)}" if live else ""
     return f"CPU: {cpu_name()} ({t['cpus_usable']} of {t['cpus']} cores usable); {env}{pools}"
+
+
+def stream_read_gbs(nbytes: int = 256 * 2**20) -> float:
+    """Read bandwidth of this machine now: GB/s of summing a large float32 array (best of 5).
+    A batch-1 decode step streams every weight once: this is its speed limit."""
+    import numpy as np
+    a = np.ones(nbytes // 4, dtype=np.float32)
+    best = median_time(a.sum, repeats=5, warmup=1)["min_s"]
+    return a.nbytes / best / 1e9
