@@ -78,20 +78,26 @@ class SelfAttentionCache(NamedTuple):
     n_head: int
 
 
+def split_qkv(qkv, n_head: int):
+    """qkv (B, T, 3C) from c_attn -> q, k, v, each (B, H, T, D)."""
+    C = qkv.shape[-1] // 3
+    return tuple(split_heads(qkv[..., j * C:(j + 1) * C], n_head) for j in range(3))
+
+
+def merge_qkv(dq, dk, dv):
+    """3 x (B, H, T, D) -> (B, T, 3C): the reverse of ``split_qkv`` (for dqkv)."""
+    return xp_of(dq).concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)
+
+
 def self_attention_forward(qkv, n_head: int):
     """qkv (B, T, 3C) from c_attn -> y (B, T, C), before c_proj."""
-    C = qkv.shape[-1] // 3
-    q, k, v = qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]       # 3 x (B, T, C)
-    y, sdpa = sdpa_forward(split_heads(q, n_head), split_heads(k, n_head),
-                           split_heads(v, n_head))                    # (B, H, T, D)
+    y, sdpa = sdpa_forward(*split_qkv(qkv, n_head))                   # (B, H, T, D)
     return merge_heads(y), SelfAttentionCache(sdpa, n_head)           # (B, T, C)
 
 
 def self_attention_backward(dy, cache: SelfAttentionCache):
     """dy (B, T, C) -> dqkv (B, T, 3C)."""
-    xp = xp_of(dy)
-    dq, dk, dv = sdpa_backward(split_heads(dy, cache.n_head), cache.sdpa)
-    return xp.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)
+    return merge_qkv(*sdpa_backward(split_heads(dy, cache.n_head), cache.sdpa))
 
 
 # --- decoding: new queries over stored keys and values (the KV cache's attention) -----
@@ -125,8 +131,8 @@ def append_attend(qkv, k_cache, v_cache, pos, n_head: int):
     int, on the host); k_cache, v_cache (B, H, S_max, D), written in place at those slots.
     """
     xp = xp_of(qkv)
-    B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-    q, k, v = (split_heads(qkv[..., j * C:(j + 1) * C], n_head) for j in range(3))  # 3 x (B, H, T, D)
+    B, T = qkv.shape[0], qkv.shape[1]
+    q, k, v = split_qkv(qkv, n_head)                                   # 3 x (B, H, T, D)
     rows = xp.arange(B)[:, None]                                       # (B, 1)
     slots = xp.asarray(pos)[:, None] + xp.arange(T)[None, :]           # (B, T)
     k_cache[rows, :, slots] = k.transpose(0, 2, 1, 3)                  # (B, T, H, D) into the slots

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import seams
-from .attention import merge_heads, split_heads
+from .attention import merge_heads, merge_qkv, split_heads, split_qkv
 from .backend import xp_of
 from .layers import matmul
 from .sparse_attention import check_pattern_config, variant_row
@@ -147,8 +147,7 @@ def recurrent_step(qkv, S, k_last, v_last, filled, pos, n_head: int):
     ``filled`` (B,) host ints: positions seen. pos = 0 starts the row afresh.
     """
     xp = xp_of(qkv)
-    C = qkv.shape[-1] // 3
-    q, k, v = (split_heads(qkv[..., j * C:(j + 1) * C], n_head) for j in range(3))   # (B, H, T, D)
+    q, k, v = split_qkv(qkv, n_head)                                   # (B, H, T, D)
     pos = np.asarray(pos)
     bad = (pos != 0) & ((pos > filled) | (pos < filled - 1))
     if bad.any():
@@ -178,16 +177,12 @@ class LinearAttention(seams.AttentionKind):
         check_pattern_config(config, self.name, ())
 
     def forward(self, qkv, n_head, config):
-        C = qkv.shape[-1] // 3
-        q, k, v = (split_heads(qkv[..., j * C:(j + 1) * C], n_head) for j in range(3))
-        y, cache = linear_attention_forward(q, k, v)
+        y, cache = linear_attention_forward(*split_qkv(qkv, n_head))
         return merge_heads(y), (cache, n_head)                         # (B, T, C)
 
     def backward(self, dy, cache):
         cache, n_head = cache
-        xp = xp_of(dy)
-        dq, dk, dv = linear_attention_backward(split_heads(dy, n_head), cache)
-        return xp.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)
+        return merge_qkv(*linear_attention_backward(split_heads(dy, n_head), cache))
 
     def init_state(self, config, batch_size, max_len, n_head, xp=np):
         B, H, D, dt = batch_size, n_head, config.head_size, config.np_dtype

@@ -50,7 +50,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import seams
-from .attention import key_mask, merge_heads, split_heads
+from .attention import key_mask, merge_heads, merge_qkv, split_heads, split_qkv
 from .backend import xp_of
 from .checks import check_int
 from .layers import matmul, softmax_backward, softmax_forward
@@ -302,11 +302,6 @@ def sparse_attention_backward(dy, cache: SparseCache):
 
 
 # --- decoding --------------------------------------------------------------------------------------
-def _heads(qkv, n_head):
-    C = qkv.shape[-1] // 3
-    return (split_heads(qkv[..., j * C:(j + 1) * C], n_head) for j in range(3))   # 3 x (B, H, T, D)
-
-
 def attend(q, k, v, mask):
     """Softmax attention of q (B, H, T, D) over k, v (B, H, S, D) where ``mask`` (B, T, S) -> (B, H, T, D)."""
     xp = xp_of(q)
@@ -319,7 +314,7 @@ def attend(q, k, v, mask):
 def append_attend_pattern(qkv, k_cache, v_cache, pos, n_head: int, pattern: Pattern):
     """The dense cache's step (``attention.append_attend``) with the pattern's mask -> y (B, T, C)."""
     xp = xp_of(qkv)
-    q, k, v = _heads(qkv, n_head)
+    q, k, v = split_qkv(qkv, n_head)
     B, T = qkv.shape[:2]
     pos = np.asarray(pos)
     rows, slots = xp.arange(B)[:, None], xp.asarray(pos[:, None] + np.arange(T)[None, :])   # (B, T)
@@ -356,7 +351,7 @@ def ring_step(qkv, k_ring, v_ring, filled, pos, n_head: int, window: int):
     """T new tokens per row at positions pos[b] ..: attend over the ring (the last W positions)
     and the new tokens, then write the last min(T, W) of them into their slots -> y (B, T, C)."""
     xp = xp_of(qkv)
-    q, k, v = _heads(qkv, n_head)                                     # (B, H, T, D)
+    q, k, v = split_qkv(qkv, n_head)                                     # (B, H, T, D)
     B, T, W = qkv.shape[0], qkv.shape[1], k_ring.shape[2]
     pos = np.asarray(pos)
     check_ring_pos(pos, filled, W)
@@ -399,14 +394,12 @@ class SparseAttention(seams.AttentionKind):
         check_pattern_config(config, self.name, self.required, self.optional)
 
     def forward(self, qkv, n_head, config):
-        y, cache = sparse_attention_forward(*_heads(qkv, n_head), pattern_of(config))
+        y, cache = sparse_attention_forward(*split_qkv(qkv, n_head), pattern_of(config))
         return merge_heads(y), (cache, n_head)                          # (B, T, C)
 
     def backward(self, dy, cache):
         cache, n_head = cache
-        xp = xp_of(dy)
-        dq, dk, dv = sparse_attention_backward(split_heads(dy, n_head), cache)
-        return xp.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)
+        return merge_qkv(*sparse_attention_backward(split_heads(dy, n_head), cache))
 
     def init_state(self, config, batch_size, max_len, n_head, xp=np):
         shape = (batch_size, n_head, max_len, config.head_size)             # (B, H, S_max, D) as dense

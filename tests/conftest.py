@@ -80,3 +80,12 @@ def _restore_backend():
 def rng(request):
     """A fresh generator seeded from the test's name (reproducible, distinct per test)."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    """A 20k-character slice of the embedded corpus as a file (CLI tests pass it as --corpus)."""
+    from minillm import data
+    f = tmp_path_factory.mktemp("corpus") / "slice.txt"
+    f.write_text(data.load_corpus()[:20_000], encoding="utf-8")
+    return f

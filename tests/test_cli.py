@@ -4,20 +4,12 @@ from __future__ import annotations
 import pytest
 
 import minillm as mm
-from minillm import checkpoint, data
+from minillm import checkpoint
 from minillm.cli import main
 from minillm.tokenizer import BPETokenizer
 
 TINY = ["--preset", "tiny", "--n-layer", "1", "--n-embd", "32", "--block-size", "32",
         "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory):
-    """A 20k-character slice of the embedded corpus, so --corpus is exercised too."""
-    f = tmp_path_factory.mktemp("corpus") / "slice.txt"
-    f.write_text(data.load_corpus()[:20_000], encoding="utf-8")
-    return f
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import minillm as mm
-from minillm import backend, checkpoint, data, layers
+from minillm import backend, checkpoint, layers
 from minillm import distillation as kd
 from minillm.cli import main
 from minillm.tokenizer import BPETokenizer
@@ -283,13 +283,6 @@ def test_distill_runs_on_the_device_standin(teacher, active):
 # --- the command ----------------------------------------------------------------------------
 TINY = ["--block-size", "32", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1",
         "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory):
-    f = tmp_path_factory.mktemp("corpus") / "slice.txt"
-    f.write_text(data.load_corpus()[:20_000], encoding="utf-8")
-    return f
 
 
 @pytest.fixture(scope="module")
