@@ -23,6 +23,7 @@ tour: $(VENV)/.core
 
 test: $(VENV)/.test
 	MPLBACKEND=Agg OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 $(PY) -m pytest -n 2 -q --nbmake tests chapters
+	MPLBACKEND=Agg OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 timeout 300 $(VENV)/bin/mpiexec -n 2 $(PY) -m pytest -q -p no:cacheprovider -p no:randomly -m mpi tests/test_parallel.py
 
 lab: $(VENV)/.core
 	$(PIP) install -e ".[notebooks]"

@@ -7,6 +7,8 @@ docstring line reads "Accelerated minillm.<module>.<fn> — see it for the math.
 This package never imports ``minillm``.
 """
 import importlib
+import sys
+import time
 
 import numpy as xp
 
@@ -16,15 +18,18 @@ KERNELS: dict = {}
 # One line per area; a new technique appends its module here.
 _PARTS = (
     "backends.numba_layers",
+    "backends.numba_attention",
     "backends.numba_decode",
     "backends.numba_bpe",
     "backends.numba_quant",
     "backends.numba_pruning",
     "backends.numba_precision",
+    "backends.numba_attention_variants",
 )
 
 try:
     import numba
+    import numba.core.event
     _IMPORT_ERROR = None
 except Exception as exc:  # numba not installed or broken
     numba = None
@@ -33,6 +38,51 @@ except Exception as exc:  # numba not installed or broken
 if numba is not None:
     for _part in _PARTS:
         KERNELS.update(importlib.import_module(_part).KERNELS)
+
+
+# --- first calls: say when Numba compiles, once per area -----------------------------------
+# Every twin is compiled on its first call (nothing at import, nothing a command
+# does not call) and saved to Numba's on-disk cache (``cache=True``), so only the
+# first run after an install or an edit compiles; later runs load the machine
+# code in milliseconds. Numba fires a "numba:compile" event only on a real
+# compilation (a cache miss), so listening to it tells the user, before the
+# wait, that the pause is the compiler and happens once.
+_AREA = {"numba_bpe": "tokenizer"}        # module -> the area's name in messages (else the suffix)
+COMPILE_SECONDS: dict = {}                # area -> seconds spent compiling in this process
+
+
+def _area_of(dispatcher) -> str | None:
+    module = getattr(getattr(dispatcher, "py_func", None), "__module__", None) or ""
+    if not module.startswith("backends.numba_"):
+        return None
+    name = module.split(".")[-1]
+    return _AREA.get(name, name[len("numba_"):])
+
+
+class _CompileNotice(numba.core.event.Listener if numba is not None else object):
+    """Prints "compiling <area> (first run only)..." on an area's first compilation and
+    adds up the compile time per area (outermost compilations only: callees nest)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream
+        self.announced: set = set()
+        self.open: list = []              # (area, start time) of compilations in progress
+
+    def on_start(self, event):
+        area = _area_of(event.data.get("dispatcher"))
+        if area is not None and area not in self.announced:
+            self.announced.add(area)
+            print(f"compiling {area} (first run only)...", file=self.stream or sys.stderr, flush=True)
+        self.open.append((area, time.perf_counter()))
+
+    def on_end(self, event):
+        area, start = self.open.pop()
+        if area is not None and not any(a == area for a, _ in self.open):
+            COMPILE_SECONDS[area] = COMPILE_SECONDS.get(area, 0.0) + time.perf_counter() - start
+
+
+if numba is not None:
+    numba.core.event.register("numba:compile", _CompileNotice())
 
 
 def is_available() -> tuple[bool, str]:

@@ -1,8 +1,9 @@
 """Sparse and linear attention: scaling of one layer, decoding state, and quality.
 
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 \\
-        .venv/bin/python bench/bench_attention.py                    # scaling + decode (~6 min)
-    .venv/bin/python bench/bench_attention.py --parts quality --quality-steps 60   # training runs
+        .venv/bin/python bench/bench_attention.py --backend numba     # scaling + decode (~6 min)
+    .venv/bin/python bench/bench_attention.py --parts quality --quality-steps 240 --backend numba \\
+        --quality-variants dense "window 64"        # training runs, some variants at a time
     .venv/bin/python bench/bench_attention.py --quick                # small sizes, seconds
 
 Parts (``--parts``):
@@ -10,11 +11,12 @@ Parts (``--parts``):
 - ``scaling``: one attention layer, B=1, H=8, D=32, float32, forward + backward
   (random upstream gradient) at T = --sizes: dense (query rows in chunks of 1024
   so the (T, T) scores never exist at once: ``attention.sdpa_forward/backward`` on
-  each chunk against the keys up to it), window 256, block 256 + 4 global, strided
-  (stride 128), linear; torch's ``scaled_dot_product_attention(is_causal=True)``
+  each chunk against the keys up to it), window 256 (the backend's twin: Numba's walks
+  only the allowed keys; and the NumPy chunked kernel, always), block 256 + 4 global,
+  strided (stride 128), linear; torch's ``scaled_dot_product_attention(is_causal=True)``
   (its CPU flash kernel, 1 thread) as the dense peer. Median over --repeats after
   one warm-up; peak memory: tracemalloc's peak of one more run (NumPy reports its
-  buffers to it), inputs excluded. Fitted exponent: least-squares slope of
+  buffers to it; Numba's own scratch inside a twin is not seen, O(T D) here), inputs excluded. Fitted exponent: least-squares slope of
   log(time) on log(T).
 - ``decode``: a 2-layer model of ``small``'s width (C=256, H=8) with block_size
   8192: one-token decode steps from position 1 to --decode-len; time per token
@@ -71,6 +73,17 @@ def sparse_run(pattern):
     return run
 
 
+def reference_run(pattern):
+    """The NumPy chunked kernel whatever the backend (to compare the twin with)."""
+    fwd = backend.reference("sparse_attention.pattern_attention_forward")
+    bwd = backend.reference("sparse_attention.pattern_attention_backward")
+
+    def run(q, k, v, dy):
+        y, lse = fwd(q, k, v, pattern)
+        return (y,) + bwd(dy, q, k, v, y, lse, pattern)
+    return run
+
+
 def linear_run(q, k, v, dy):
     y, cache = la.linear_attention_forward(q, k, v)
     return (y,) + la.linear_attention_backward(dy, cache)
@@ -96,6 +109,7 @@ def torch_run():
 VARIANTS = {
     "dense (chunked)": dense_chunked,
     "window 256": sparse_run(sa.Pattern("window", 256)),
+    "window 256, NumPy chunked": reference_run(sa.Pattern("window", 256)),
     "block 256 + 4 global": sparse_run(sa.Pattern("block", block=256, n_global=4)),
     "strided 128": sparse_run(sa.Pattern("strided", None, 128)),
     "linear": linear_run,
@@ -145,6 +159,7 @@ def exponents(rows) -> dict:
 def decode(args) -> list[dict]:
     base = dict(vocab_size=4096, block_size=args.decode_len, n_layer=2, n_head=H, n_embd=H * D)
     kinds = {"dense": {}, "window 256": dict(attention="window", window=256),
+             "block 256 + 4 global": dict(attention="block", block=256, n_global=4),
              "linear": dict(attention="linear")}
     marks = [p for p in (256, 1024, 2048, 4096, 8192) if p <= args.decode_len]
     rows = []
@@ -160,7 +175,8 @@ def decode(args) -> list[dict]:
             times[p] = time.perf_counter() - t0
         for m in marks:
             lo, hi = max(1, m - 64), min(m, args.decode_len)
-            state = cache.nbytes if kw else KVCache(model.config, 1, m).nbytes
+            dense_like = kw.get("attention") in (None, "block")          # keep every K and V
+            state = KVCache(model.config, 1, m).nbytes if dense_like else cache.nbytes
             rows.append(dict(variant=name, position=m, ms_per_token=float(np.median(times[lo:hi])) * 1e3,
                              state_bytes=int(state)))
             print(f"  {name:12s} pos {m:5d}  {rows[-1]['ms_per_token']:.2f} ms/token  "
@@ -169,6 +185,24 @@ def decode(args) -> list[dict]:
 
 
 # --- quality ------------------------------------------------------------------------------------------
+QUALITY_VARIANTS = {"dense": {}, "window 64": dict(attention="window", window=64),
+                    "strided 16": dict(attention="strided", stride=16),
+                    "block 32 + 4 global": dict(attention="block", block=32, n_global=4),
+                    "linear": dict(attention="linear")}
+
+
+def merge_quality(new: dict, path: Path) -> dict:
+    """Rows of an earlier run of other variants with the same steps, batch and corpus join
+    this run's (so the variants can run one at a time, each a short locked run)."""
+    if not path.exists():
+        return new
+    old = json.loads(path.read_text()).get("quality") or {}
+    if any(old.get(k) != new[k] for k in ("steps", "batch", "T", "chars")):
+        return new
+    mine = {r["variant"] for r in new["rows"]}
+    rows = [r for r in old["rows"] if r["variant"] not in mine] + new["rows"]
+    return {**new, "rows": sorted(rows, key=lambda r: list(QUALITY_VARIANTS).index(r["variant"]))}
+
 def quality(args) -> dict:
     from minillm import data
     from minillm.train import TrainConfig, evaluate, train
@@ -176,14 +210,12 @@ def quality(args) -> dict:
     tok = mm.BPETokenizer.train(text, 4096, progress=False)
     ids = data.encode_corpus(tok, text)
     train_ids, val_ids = data.split(ids, 0.1)
-    variants = {"dense": {}, "window 64": dict(attention="window", window=64),
-                "strided 16": dict(attention="strided", stride=16),
-                "block 32 + 4 global": dict(attention="block", block=32, n_global=4),
-                "linear": dict(attention="linear")}
+    variants = {name: QUALITY_VARIANTS[name] for name in args.quality_variants}
     tcfg = TrainConfig(steps=args.quality_steps, batch_size=8, lr=1e-3,
                        warmup_steps=max(1, args.quality_steps // 10),
                        eval_interval=max(1, args.quality_steps // 6), eval_batches=4)
-    out = {"steps": args.quality_steps, "batch": 8, "T": 256, "rows": []}
+    out = {"steps": args.quality_steps, "batch": 8, "T": 256, "chars": args.quality_chars,
+           "rows": []}
     for name, kw in variants.items():
         model = mm.GPT(mm.GPTConfig.preset("small", vocab_size=tok.vocab_size, **kw), seed=0)
         t0 = time.perf_counter()
@@ -218,7 +250,7 @@ def decode_table(rows) -> str:
 
 
 def quality_table(q) -> str:
-    dense = next(r["val_loss"] for r in q["rows"] if r["variant"] == "dense")
+    dense = next((r["val_loss"] for r in q["rows"] if r["variant"] == "dense"), float("nan"))
     lines = [f"`small`, {q['steps']} steps of B={q['batch']} x T={q['T']}, same init and batches",
              "", "| variant | val loss | vs dense | train s |", "|---|---:|---:|---:|"]
     lines += [f"| {r['variant']} | {r['val_loss']:.4f} | {r['val_loss'] - dense:+.4f} | {r['seconds']:.0f} |"
@@ -275,6 +307,9 @@ def main(argv=None):
     ap.add_argument("--decode-len", type=int, default=8192)
     ap.add_argument("--quality-steps", type=int, default=60)
     ap.add_argument("--quality-chars", type=int, default=1_000_000)
+    ap.add_argument("--quality-variants", nargs="+", default=list(QUALITY_VARIANTS),
+                    choices=list(QUALITY_VARIANTS), help="train these (the others' rows of an "
+                    "earlier run with the same steps are kept)")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch peer")
     ap.add_argument("--backend", default="numpy", help="minillm backend (default: numpy)")
     ap.add_argument("--quick", action="store_true", help="small sizes, 1 repeat, 4 quality steps")
@@ -301,7 +336,7 @@ def main(argv=None):
             text += [decode_table(res["decode"]), ""]
         if "quality" in args.parts:
             print("quality")
-            res["quality"] = quality(args)
+            res["quality"] = merge_quality(quality(args), args.out / "bench_attention_quality.json")
             text += [quality_table(res["quality"]), ""]
     text = "\n".join(text)
     print(text)

@@ -1,8 +1,13 @@
 """Mixed precision: what fp16 / bf16 cost and buy on our model (quality, failures, memory, speed).
 
-    flock /tmp/minillm-bench.lock env OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 \\
-        .venv/bin/python bench/bench_precision.py                # ~10 min on 2 cores
-    .venv/bin/python bench/bench_precision.py --quick            # ~1 min: small sizes
+    export OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1
+    .venv/bin/python bench/bench_precision.py --parts quality failures memory   # no clock read
+    flock /tmp/minillm-bench.lock .venv/bin/python bench/bench_precision.py --parts speed
+    .venv/bin/python bench/bench_precision.py --quick            # ~1 min: small sizes, all parts
+
+Each part saves ``bench_precision_<part>.json``; the table (``bench_precision.md``)
+and the plot are rebuilt from every part saved so far. Only ``speed`` reads a clock,
+so only it needs the machine to itself (the bench lock).
 
 Sections (one run, one JSON + markdown table + PNG in bench/results/):
 1. quality  - `tiny` and `small` trained for the same steps and batches in fp32,
@@ -35,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 import minillm as mm  # noqa: E402
 from minillm import backend, data, precision, timing  # noqa: E402
+from minillm.files import atomic_write_text  # noqa: E402
 from minillm.train import TrainConfig, TrainHook  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -43,10 +49,19 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 
 # --- 1. quality --------------------------------------------------------------------------
 def corpus_ids(vocab: int, chars: int):
-    """Byte ids (vocab 256) or a BPE of the first 1M characters (vocab > 256), split 90/10."""
-    text = data.load_corpus()[:chars]
-    tok = mm.BPETokenizer() if vocab == 256 else mm.BPETokenizer.train(text[:1_000_000], vocab)
-    return data.split(data.encode_corpus(tok, text), 0.1)
+    """Byte ids (vocab 256) of the first ``chars`` characters, or the tour's BPE ids
+    (vocab 4096, its cached tokenizer), split 90/10."""
+    if vocab == 256:
+        return data.split(data.encode_corpus(mm.BPETokenizer(), data.load_corpus()[:chars]), 0.1)
+    base = tour_baseline()
+    return base.train_ids, base.val_ids
+
+
+def tour_baseline():
+    """The tour's trained `small` model and its data (minillm.baseline's cache)."""
+    from minillm import baseline
+    return baseline.get_baseline(baseline.tour_settings(), data.load_corpus(), progress=False,
+                                 log=lambda m: print(m, flush=True))
 
 
 def quality(preset: str, steps: int, backend_name: str, chars: int) -> dict:
@@ -60,8 +75,9 @@ def quality(preset: str, steps: int, backend_name: str, chars: int) -> dict:
         with backend.use(backend_name):
             res = mm.train(mm.GPT(cfg, seed=0), tr, va, tcfg, progress=False)
         out[prec] = {"val_loss": res.val_loss, "curve": [(e["step"], e["val_loss"]) for e in res.evals],
-                     "train_loss": res.losses, "step_s": 1 / res.tokens_per_s * tcfg.batch_size * tcfg.seq_len,
-                     "skipped": sum(h.get("skipped", False) for h in res.history)}
+                     "train_loss": res.losses,
+                     "skipped": sum(bool(h.get("skipped", False)) for h in res.history),
+                     "loss_scale": [h.get("loss_scale", 1.0) for h in res.history]}
         print(f"  quality {preset} {prec}: val loss {res.val_loss:.4f}", flush=True)
     return out
 
@@ -107,22 +123,32 @@ def failures(steps: int) -> dict:
 
 # --- 3. memory ---------------------------------------------------------------------------------
 def memory(preset: str) -> dict:
-    """Bytes per precision, from the arrays: masters + moments (fp32), the half copy and
-    its gradients, and the activations the backward pass keeps (one B=8 batch)."""
+    """Bytes per precision, measured from the arrays a training step holds: fp32 masters
+    and the AdamW moments (``optim.AdamW``'s own arrays), the half compute copy and its
+    gradients, the fp32 gradients the optimizer sees, and the activations the backward
+    pass keeps (one B=8 batch of full blocks). The formula (P parameters) beside it:
+    fp32 4P + 4P + 8P; fp16/bf16 adds the 2P copy and 2P half gradients."""
+    from minillm.optim import AdamW
     cfg = mm.GPTConfig.preset(preset)
     model = mm.GPT(cfg, seed=0)
     x = np.zeros((8, cfg.block_size), dtype=np.int64)
     P = model.num_params()
-    out = {}
+    opt = AdamW(model.params)
+    out = {"preset": preset, "T": cfg.block_size, "params": P}
     for prec in PRECISIONS:
-        compute = model if prec == "fp32" else model.astype(precision.PRECISIONS[prec])
+        half = prec != "fp32"
+        compute = model.astype(precision.PRECISIONS[prec]) if half else model
         logits, cache = compute.forward_train(x)
         acts = _nbytes(cache) + logits.nbytes
         grads = compute.backward(logits, cache)
-        row = {"weights": model.nbytes() + (0 if prec == "fp32" else compute.nbytes()),
-               "grads": sum(g.nbytes for g in grads.values()) + (0 if prec == "fp32" else 4 * P),
-               "optimizer": 8 * P, "activations": acts}
-        row["formula_weights"] = 4 * P + (0 if prec == "fp32" else 2 * P)
+        grad_bytes = sum(g.nbytes for g in grads.values())
+        fp32_grad_bytes = sum(g.astype(np.float32).nbytes for g in grads.values()) if half else 0
+        row = {"weights": model.nbytes() + (compute.nbytes() if half else 0),
+               "grads": grad_bytes + fp32_grad_bytes,
+               "optimizer": sum(a.nbytes for a in list(opt.m.values()) + list(opt.v.values())),
+               "activations": acts}
+        row["formula_states"] = 16 * P + (4 * P if half else 0)
+        row["measured_states"] = row["weights"] + row["grads"] + row["optimizer"]
         out[prec] = row
     return out
 
@@ -169,38 +195,77 @@ def train_speed(preset: str, backend_name: str, repeats: int) -> dict:
             res = mm.train(mm.GPT(cfg, seed=0), tr, None, tcfg, progress=False)
         step_ms = float(np.median([8 * cfg.block_size / h["tokens_per_s"] for h in res.history[1:]])) * 1e3
         out[prec] = {"step_ms": step_ms}
+        print(f"  train step {preset} {prec}: {step_ms:.0f} ms", flush=True)
     return out
+
+
+def tour_perplexity(backend_name: str, quick: bool) -> dict:
+    """Validation perplexity of the tour's trained model with its weights in each precision
+    (fixed windows; the half models compute in half, as ``model.astype`` makes them)."""
+    from minillm import tour
+    base = tour_baseline()
+    out = {}
+    for prec in PRECISIONS:
+        m = base.model if prec == "fp32" else base.model.astype(precision.PRECISIONS[prec])
+        with backend.use(backend_name):
+            out[prec] = tour.val_perplexity(m, base.val_ids, 4, 64 if quick else 256, 2 if quick else 8, seed=0)
+        print(f"  tour model perplexity {prec}: {out[prec]:.3f}", flush=True)
+    return out
+
+
+def speed(args) -> dict:
+    q = args.quick
+    c = (mm.GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=128) if q
+         else mm.GPTConfig(vocab_size=4096, block_size=128, n_layer=8, n_head=16, n_embd=1024))
+    from backends import numba_precision
+    return {"machine": timing.machine_line(), "threads": timing.thread_settings(),
+            "stream_gbs": timing.stream_read_gbs(), "f16_widening": "F16C" if numba_precision.HAS_F16C else "bit ops",
+            "decode_shape": f"L={c.n_layer} C={c.n_embd} V={c.vocab_size}, {mm.GPT(c).num_params() / 1e6:.0f} M params",
+            "decode": decode_speed(c, args.backend, 16 if q else 32, 2 if q else 5),
+            "tour_ppl": None if q else tour_perplexity(args.backend, q),
+            "train_preset": "tiny" if q else "small",
+            "train_speed": train_speed("tiny" if q else "small", args.backend, 2 if q else 4)}
 
 
 # --- report --------------------------------------------------------------------------------------
 def table(res: dict) -> str:
-    lines = [f"{res['machine']}; backend {res['backend']}", "",
-             "| what | fp32 | fp16 | bf16 |", "|---|---|---|---|"]
-    for preset, q in res["quality"].items():
+    """Markdown from whichever parts are in ``res`` (``quality``, ``failures``, ``memory``, ``speed``)."""
+    lines = ["| what | fp32 | fp16 | bf16 |", "|---|---|---|---|"]
+    for preset, q in res.get("quality", {}).get("presets", {}).items():
         base = q["fp32"]["val_loss"]
-        lines.append(f"| val loss, {preset}, {res['steps'][preset]} steps | "
-                     + " | ".join(f"{q[p]['val_loss']:.4f} ({q[p]['val_loss'] / base:.3f}x)" for p in PRECISIONS) + " |")
-    m = res["memory"]
-    for key in ("weights", "grads", "optimizer", "activations"):
-        lines.append(f"| {key} MB, {res['memory_preset']} (B=8) | "
-                     + " | ".join(f"{m[p][key] / 1e6:.1f}" for p in PRECISIONS) + " |")
-    d = res["decode"]
-    lines.append(f"| decode tok/s, {res['decode_shape']} | "
-                 + " | ".join(f"{d[p]['tok_s']:.1f} ({d[p]['tok_s'] / d['fp32']['tok_s']:.2f}x)" for p in PRECISIONS) + " |")
-    lines.append("| decode GB/s of weights read | " + " | ".join(f"{d[p]['gb_s']:.1f}" for p in PRECISIONS) + " |")
-    t = res["train_speed"]
-    lines.append(f"| train step ms, {res['train_preset']} | "
-                 + " | ".join(f"{t[p]['step_ms']:.1f} ({t[p]['step_ms'] / t['fp32']['step_ms']:.2f}x)" for p in PRECISIONS) + " |")
-    f = res["failures"]
-    lines += ["", f"Streaming read bandwidth in the same run: {res['stream_gbs']:.1f} GB/s.",
-              f"fp16 without loss scaling: {100 * f['flush_share_unscaled']:.1f}% of nonzero gradient "
-              f"entries flush to zero; scaled by 2^16: {100 * f['flush_share_scaled_2^16']:.2f}%.",
-              f"fp16 without master weights (lr 1e-4, {len(f['loss_with_masters'])} steps): final loss "
-              f"{f['loss_without_masters'][-1]:.4f} vs {f['loss_with_masters'][-1]:.4f} with fp32 masters "
-              f"(start {f['loss_with_masters'][0]:.4f}).",
-              f"Injected overflow (scale 2^40): found_inf={f['overflow']['found_inf']}, skipped="
-              f"{f['overflow']['skipped']}, scale after = 2^{np.log2(f['overflow']['scale_after']):.0f}, "
-              f"parameters untouched: {f['overflow']['params_untouched']}."]
+        lines.append(f"| val loss, {preset}, {res['quality']['steps'][preset]} steps | "
+                     + " | ".join(f"{q[p]['val_loss']:.4f} ({q[p]['val_loss'] / base:.4f}x)" for p in PRECISIONS) + " |")
+    if "memory" in res:
+        m = res["memory"]
+        for key in ("weights", "grads", "optimizer", "activations"):
+            lines.append(f"| {key} MB, {m['preset']} (B=8, T={m['T']}) | "
+                         + " | ".join(f"{m[p][key] / 1e6:.2f}" for p in PRECISIONS) + " |")
+        lines.append("| weights+grads+optimizer MB, formula | "
+                     + " | ".join(f"{m[p]['formula_states'] / 1e6:.2f}" for p in PRECISIONS) + " |")
+    if "speed" in res:
+        sp = res["speed"]
+        d = sp["decode"]
+        lines.append(f"| decode tok/s, {sp['decode_shape']}, batch 1 | "
+                     + " | ".join(f"{d[p]['tok_s']:.1f} ({d[p]['tok_s'] / d['fp32']['tok_s']:.2f}x)" for p in PRECISIONS) + " |")
+        lines.append("| decode GB/s of weights read | " + " | ".join(f"{d[p]['gb_s']:.1f}" for p in PRECISIONS) + " |")
+        if sp.get("tour_ppl"):
+            t = sp["tour_ppl"]
+            lines.append("| tour model val perplexity | " + " | ".join(f"{t[p]:.3f}" for p in PRECISIONS) + " |")
+        t = sp["train_speed"]
+        lines.append(f"| train step ms, {sp['train_preset']} (B=8), CPU emulation | "
+                     + " | ".join(f"{t[p]['step_ms']:.0f} ({t[p]['step_ms'] / t['fp32']['step_ms']:.2f}x)" for p in PRECISIONS) + " |")
+        lines += ["", f"Speed rows: {sp['machine']}; {sp['threads']}; backend {res['backend']}; fp16 widening: "
+                  f"{sp['f16_widening']}; streaming read bandwidth in the same run: {sp['stream_gbs']:.1f} GB/s."]
+    if "failures" in res:
+        f = res["failures"]
+        lines += ["", f"fp16 without loss scaling (tiny, at init): {100 * f['flush_share_unscaled']:.1f}% of nonzero gradient "
+                  f"entries flush to zero; scaled by 2^16: {100 * f['flush_share_scaled_2^16']:.2f}%.",
+                  f"fp16 without master weights (lr 1e-4, {len(f['loss_with_masters'])} steps): final loss "
+                  f"{f['loss_without_masters'][-1]:.4f} vs {f['loss_with_masters'][-1]:.4f} with fp32 masters "
+                  f"(start {f['loss_with_masters'][0]:.4f}).",
+                  f"Injected overflow (scale 2^40): found_inf={f['overflow']['found_inf']}, skipped="
+                  f"{f['overflow']['skipped']}, scale after = 2^{np.log2(f['overflow']['scale_after']):.0f}, "
+                  f"parameters untouched: {f['overflow']['params_untouched']}."]
     return "\n".join(lines)
 
 
@@ -210,7 +275,7 @@ def plot(res: dict, path: Path) -> None:
     fig = Figure(figsize=(11, 3.6), layout="constrained")
     FigureCanvasAgg(fig)
     ax1, ax2, ax3 = fig.subplots(1, 3)
-    for preset, q in res["quality"].items():
+    for preset, q in res["quality"]["presets"].items():
         for p in PRECISIONS:
             s, v = zip(*q[p]["curve"])
             ax1.plot(s, v, "o-" if p == "fp32" else "--", label=f"{preset} {p}", ms=3)
@@ -230,37 +295,45 @@ def plot(res: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+PARTS = ("quality", "failures", "memory", "speed")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backend", default="numba")
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    ap.add_argument("--steps-tiny", type=int, default=300)
+    ap.add_argument("--steps-small", type=int, default=100)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     q = args.quick
-    steps = {"tiny": 20 if q else 300} | ({} if q else {"small": 60})
-    decode_cfg = (mm.GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=128) if q
-                  else mm.GPTConfig(vocab_size=4096, block_size=128, n_layer=8, n_head=16, n_embd=1024))
-    res = {"command": "bench/bench_precision.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "machine": timing.machine_line(), "backend": args.backend, "steps": steps,
-           "stream_gbs": timing.stream_read_gbs()}
-    res["quality"] = {p: quality(p, s, args.backend, 300_000 if p == "tiny" else 2_000_000)
-                      for p, s in steps.items()}
-    res["failures"] = failures(10 if q else 60)
-    res["memory_preset"] = "tiny" if q else "small"
-    res["memory"] = memory(res["memory_preset"])
-    c = decode_cfg
-    res["decode_shape"] = f"L={c.n_layer} C={c.n_embd} V={c.vocab_size}, {mm.GPT(c).num_params() / 1e6:.0f} M params"
-    res["decode"] = decode_speed(decode_cfg, args.backend, 16 if q else 32, 2 if q else 5)
-    res["train_preset"] = "tiny" if q else "small"
-    res["train_speed"] = train_speed(res["train_preset"], args.backend, 2 if q else 4)
+    suffix = "_quick" if q else ""
+    command = "bench/bench_precision.py " + " ".join(argv if argv is not None else sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
+    for part in args.parts:
+        if part == "quality":
+            steps = {"tiny": 20} if q else {"tiny": args.steps_tiny, "small": args.steps_small}
+            got = {"steps": steps, "presets": {p: quality(p, s, args.backend, 300_000) for p, s in steps.items()}}
+        elif part == "failures":
+            got = failures(10 if q else 60)
+        elif part == "memory":
+            got = memory("tiny" if q else "small")
+        else:
+            got = speed(args)
+        got["command"] = command
+        atomic_write_text(args.out / f"bench_precision_{part}{suffix}.json", json.dumps(got, indent=1, default=float))
+    res = {"backend": args.backend}
+    for part in PARTS:
+        path = args.out / f"bench_precision_{part}{suffix}.json"
+        if path.exists():
+            res[part] = json.loads(path.read_text())
     md = table(res)
     print(md)
-    from minillm.files import atomic_write_text
-    atomic_write_text(args.out / "bench_precision.json", json.dumps(res, indent=1, default=float))
-    atomic_write_text(args.out / "bench_precision.md", md + "\n")
-    plot(res, args.out / "bench_precision.png")
-    print(f"wrote {args.out / 'bench_precision.json'}, .md and .png")
+    atomic_write_text(args.out / f"bench_precision{suffix}.md", md + "\n")
+    if {"quality", "failures"} <= res.keys():
+        plot(res, args.out / f"bench_precision{suffix}.png")
+    print(f"wrote {args.out}/bench_precision_*{suffix}.json, bench_precision{suffix}.md and .png")
 
 
 if __name__ == "__main__":

@@ -1,27 +1,39 @@
-"""Training-step benchmark: minillm (numpy, numba backends) against PyTorch CPU.
+"""Training-step benchmark (issue 15): minillm's numba backend against PyTorch CPU,
+plus the cold-start cost of every compiled area.
 
 One step = ``loss_and_grads`` (forward, cross-entropy, backward) + one AdamW
 update, on random token ids (B, T) with T = the preset's block size. PyTorch
 runs Hugging Face ``GPT2LMHeadModel`` (its default SDPA attention) built from
 the *same* weights, with ``torch.optim.AdamW`` on the same hyper-parameters
-and decay groups, ``torch.set_num_threads(2)``.
+and decay groups. Presets: ``tiny``, ``small`` and ``wide`` (C=768, L=4, H=12,
+T=256, V=4096: the issue's wide model; B=4 for it, to keep the run short).
 
-Method: every (backend, preset) case runs in its own fresh subprocess, so
-thread pools, JIT caches and memory high-water marks do not leak between
-cases. Each case does ``--warmup`` steps, then times ``--repeats`` steps
-(``minillm.timing.median_time``); the table shows the median. Peak MB is the process's
-resident-set high-water mark (``VmHWM``, Linux) during the timed steps minus its
-resident set right after the imports, before the model is built: weights +
-AdamW state + the step's peak working set (activations, caches, gradients,
-temporaries), for minillm and PyTorch alike. The mark is reset after warm-up
-(``/proc/self/clear_refs``), so JIT compilation does not count; the JSON says
-if the reset was refused. Allocators that keep freed memory are counted at
-what they hold, which is what the process really needs.
+Method: every (backend, preset, threads) case runs in its own fresh
+subprocess, so thread pools, JIT caches and memory high-water marks do not
+leak between cases. Each thread setting (``--threads 1 2``) sets
+OPENBLAS/OMP/NUMBA_NUM_THREADS and ``torch.set_num_threads`` alike. The cases
+of one preset and thread setting run interleaved, ``--rounds`` times
+(numba, torch, torch, numba, ...), so machine noise hits both sides; a case
+does ``--warmup`` steps then times ``--repeats`` steps, and the table shows
+the median over all rounds' timed steps (``minillm.timing.median_time``).
+Peak MB is the process's resident-set high-water mark (``VmHWM``, Linux)
+during the timed steps minus its resident set right after the imports: weights
++ AdamW state + the step's peak working set, for minillm and PyTorch alike
+(the largest over rounds). The mark is reset after warm-up
+(``/proc/self/clear_refs``), so JIT compilation does not count.
 
-    .venv/bin/python bench/bench_train.py                      # tiny + small, B=8
-    .venv/bin/python bench/bench_train.py --presets small --repeats 7 --batch-size 8
+Cold start (``--cold``): each compiled area's first call in a fresh process
+with ``NUMBA_CACHE_DIR`` pointed at an empty directory (a fresh install), then
+again in a fresh process on the now filled cache (every later run), and the
+second call in-process (steady state): tokenizer = train a BPE tokenizer
+(vocab 512) on 200 kB of text + encode it; layers = the first training step
+of ``tiny``; decode = the first ``generate`` (KV cache, 32 tokens) of ``tiny``
+after that step. Numba's compile seconds per area come from its
+"numba:compile" events (``backends.numba_backend.COMPILE_SECONDS``).
 
-Prints one markdown table and writes ``bench/results/bench_train.json``.
+    OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 python bench/bench_train.py
+
+Prints the tables and writes ``bench/results/bench_train.{json,md,png}``.
 """
 from __future__ import annotations
 
@@ -36,11 +48,13 @@ from pathlib import Path
 
 import numpy as np
 
-from minillm import timing
+from minillm import files, timing
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "bench_train.json"
 BACKENDS = ("numpy", "numba", "torch")
+WIDE = dict(vocab_size=4096, block_size=256, n_layer=4, n_head=12, n_embd=768)   # the issue's wide model
+THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS")
 LR, BETAS, EPS, WD = 3e-4, (0.9, 0.95), 1e-8, 0.1
 
 
@@ -78,6 +92,11 @@ def measure(step, warmup: int, repeats: int, base_kb: int | None) -> dict:
 
 
 # --- the two sides --------------------------------------------------------------
+def config(preset: str):
+    import minillm as mm
+    return mm.GPTConfig(**WIDE) if preset == "wide" else mm.GPTConfig.preset(preset)
+
+
 def batch(cfg, batch_size: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, cfg.vocab_size, (batch_size, cfg.block_size + 1))   # (B, T + 1)
@@ -91,7 +110,7 @@ def minillm_case(backend_name: str, preset: str, batch_size: int, warmup: int, r
     if backend_name == "numba":
         import backends.numba_backend  # noqa: F401  (numba and its twins: part of the baseline)
     base_kb = _proc_kb("VmRSS")
-    cfg = mm.GPTConfig.preset(preset)
+    cfg = config(preset)
     model = mm.GPT(cfg, seed=0)
     opt = optim.AdamW(model.params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
     x, y = batch(cfg, batch_size)
@@ -101,7 +120,6 @@ def minillm_case(backend_name: str, preset: str, batch_size: int, warmup: int, r
         opt.step(model.params, grads)
         return loss
     out = measure(step, warmup, repeats, base_kb)
-    out["device"] = "cpu"
     out["version"] = f"numpy {np.__version__}"
     if backend_name == "numba":
         import numba
@@ -118,7 +136,7 @@ def torch_case(preset: str, batch_size: int, warmup: int, repeats: int, threads:
     from minillm import checkpoint, optim
     torch.set_num_threads(threads)
     base_kb = _proc_kb("VmRSS")
-    cfg = mm.GPTConfig.preset(preset)
+    cfg = config(preset)
     params = mm.GPT(cfg, seed=0).params                 # the same weights minillm starts from
     hf_cfg = transformers.GPT2Config(**checkpoint.hf_config_json(cfg))
     hf_cfg.resid_pdrop = hf_cfg.embd_pdrop = hf_cfg.attn_pdrop = 0.0
@@ -142,98 +160,223 @@ def torch_case(preset: str, batch_size: int, warmup: int, repeats: int, threads:
         opt.step()
         return loss.item()
     out = measure(step, warmup, repeats, base_kb)
-    out["device"] = "cpu"
     out["version"] = (f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
                       f"transformers {transformers.__version__}, attn={model.config._attn_implementation}")
     return out
 
 
+# --- cold start: each compiled area's first call, on an empty and on a filled cache --------
+CORPUS = ROOT / "minillm" / "data" / "kjv.txt"
+
+
+def area_case(area: str) -> dict:
+    """First and second call of one area's work in this (fresh) process, numba backend."""
+    import time
+    t0 = time.perf_counter()
+    import minillm as mm
+    from minillm import backend, optim
+    backend.use("numba")
+    from backends import numba_backend
+    imports_s = time.perf_counter() - t0
+    cfg = mm.GPTConfig.preset("tiny")
+    model = mm.GPT(cfg, seed=0)
+    x, y = batch(cfg, 8)
+    opt = optim.AdamW(model.params, lr=LR)
+
+    def step():
+        opt.step(model.params, model.loss_and_grads(x, y)[1])
+
+    if area == "tokenizer":
+        text = CORPUS.read_text(encoding="utf-8")[:200_000]
+        work = lambda: mm.BPETokenizer.train(text, 512).encode(text)         # noqa: E731
+    elif area == "layers":
+        work = step
+    elif area == "decode":
+        step()                                      # the layers first: a user trains, then generates
+        numba_backend.COMPILE_SECONDS.clear()
+        work = lambda: model.generate(x[:1, :8], max_new_tokens=32, temperature=0.0)  # noqa: E731
+    else:
+        raise ValueError(f"area={area!r} must be tokenizer, layers or decode")
+    times = []
+    for _ in range(2):
+        t = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - t)
+    return {"imports_s": imports_s, "first_s": times[0], "second_s": times[1],
+            "compile_s": dict(numba_backend.COMPILE_SECONDS)}
+
+
+def cold_start() -> list[dict]:
+    """Each area in fresh processes sharing one new NUMBA_CACHE_DIR: empty, then filled."""
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        for area in ("tokenizer", "layers", "decode"):
+            row = {"area": area}
+            for state in ("cold", "warm"):
+                res, stderr = run_worker(["--area", area], {"NUMBA_CACHE_DIR": cache})
+                row[state] = res
+                row[state]["says_compiling"] = "(first run only)..." in stderr
+            rows.append(row)
+            print(f"  cold start {area}: {row['cold']['first_s']:.2f} s cold, "
+                  f"{row['warm']['first_s']:.2f} s warm, {row['warm']['second_s']:.3f} s steady",
+                  file=sys.stderr)
+    return rows
+
+
 # --- driver -------------------------------------------------------------------
-def run_case(backend_name, preset, batch_size, warmup, repeats, threads) -> dict:
-    """Run one case in a fresh interpreter; return its JSON result."""
-    cmd = [sys.executable, __file__, "--worker", backend_name, "--presets", preset,
-           "--batch-size", str(batch_size), "--warmup", str(warmup),
-           "--repeats", str(repeats), "--threads", str(threads)]
+def run_worker(args: list, env: dict) -> tuple[dict, str]:
+    """Run this script as a worker in a fresh interpreter -> (its JSON result, its stderr)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "case.json"
-        proc = subprocess.run(cmd + ["--worker-out", str(out)], cwd=ROOT, text=True,
-                              capture_output=True)
+        proc = subprocess.run([sys.executable, __file__, *args, "--worker-out", str(out)],
+                              cwd=ROOT, text=True, capture_output=True, env={**os.environ, **env})
         if proc.returncode != 0:
-            raise RuntimeError(f"case {backend_name}/{preset} failed:\n{proc.stderr[-3000:]}")
-        return json.loads(out.read_text())
+            raise RuntimeError(f"worker {args} failed:\n{proc.stderr[-3000:]}")
+        return json.loads(out.read_text()), proc.stderr
+
+
+def run_case(backend_name, preset, batch_size, warmup, repeats, threads) -> dict:
+    """One case in a fresh interpreter with every thread pool sized ``threads``."""
+    res, _ = run_worker(["--worker", backend_name, "--presets", preset, "--batch-size", str(batch_size),
+                         "--warmup", str(warmup), "--repeats", str(repeats), "--threads", str(threads)],
+                        {var: str(threads) for var in THREAD_ENV})
+    return res
 
 
 def worker(args) -> None:
-    preset = args.presets[0]
-    if args.worker == "torch":
-        res = torch_case(preset, args.batch_size, args.warmup, args.repeats, args.threads)
+    if args.area:
+        res = area_case(args.area)
+    elif args.worker == "torch":
+        res = torch_case(args.presets[0], args.batch_size, args.warmup, args.repeats, args.threads[0])
     else:
-        res = minillm_case(args.worker, preset, args.batch_size, args.warmup, args.repeats)
+        res = minillm_case(args.worker, args.presets[0], args.batch_size, args.warmup, args.repeats)
     Path(args.worker_out).write_text(json.dumps(res))
 
 
-def table(rows: list[dict]) -> str:
-    head = ("| backend | device | preset | B | T | median step ms | tokens/s | peak MB "
-            "| step time / torch |")
-    lines = [head, "|" + "---|" * 9]
+def interleaved(backends, preset, batch_size, warmup, repeats, threads, rounds) -> dict:
+    """Each backend ``rounds`` times, the order reversed every round; timed steps pooled."""
+    runs: dict = {b: [] for b in backends}
+    for r in range(rounds):
+        for b in (backends if r % 2 == 0 else backends[::-1]):
+            runs[b].append(run_case(b, preset, batch_size, warmup, repeats, threads))
+    out = {}
+    for b, results in runs.items():
+        times = [t for res in results for t in res["times_s"]]
+        peaks = [res["peak_mb"] for res in results if res["peak_mb"] is not None]
+        out[b] = {"median_s": float(np.median(times)), "times_s": times,
+                  "peak_mb": max(peaks) if peaks else None, "peak_method": results[0]["peak_method"],
+                  "version": results[0]["version"], "threads": results[0]["threads"]}
+    return out
+
+
+def table(rows: list[dict], cpu: str) -> str:
+    head = (f"| backend | preset | B | T | threads | median step ms ({cpu}) | tokens/s | peak MB "
+            "| step time / torch | peak MB / torch |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         ratio = "" if r["ratio_vs_torch"] is None else f"{r['ratio_vs_torch']:.2f}x"
+        mem = "" if r["peak_vs_torch"] is None else f"{r['peak_vs_torch']:.2f}x"
         peak = "" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
-        lines.append(f"| {r['backend']} | {r['device']} | {r['preset']} | {r['B']} | {r['T']} "
-                     f"| {r['median_ms']:.1f} | {r['tokens_per_s']:,.0f} | {peak} | {ratio} |")
+        lines.append(f"| {r['backend']} | {r['preset']} | {r['B']} | {r['T']} | {r['n_threads']} "
+                     f"| {r['median_ms']:.1f} | {r['tokens_per_s']:,.0f} | {peak} | {ratio} | {mem} |")
     return "\n".join(lines)
+
+
+def cold_table(rows: list[dict], cpu: str) -> str:
+    lines = [f"| area ({cpu}) | first call, empty cache s | Numba compile s | first call, filled cache s "
+             "| second call s | says \"compiling\" (empty / filled) |", "|" + "---|" * 6]
+    for r in rows:
+        c, w = r["cold"], r["warm"]
+        compiled = ", ".join(f"{a} {s:.1f}" for a, s in sorted(c["compile_s"].items())) or "none"
+        lines.append(f"| {r['area']} | {c['first_s']:.2f} | {compiled} | {w['first_s']:.2f} "
+                     f"| {w['second_s']:.3f} | {'yes' if c['says_compiling'] else 'no'} / "
+                     f"{'yes' if w['says_compiling'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cases = [r for r in rows if r["backend"] != "torch" and r["ratio_vs_torch"] is not None]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    labels = [f"{r['backend']} {r['preset']}\n{r['n_threads']} thr" for r in cases]
+    ax.bar(range(len(cases)), [r["ratio_vs_torch"] for r in cases],
+           color=["tab:blue" if r["n_threads"] == 1 else "tab:orange" for r in cases])
+    ax.axhline(1.0, color="k", lw=1, ls="--", label="PyTorch")
+    ax.set_xticks(range(len(cases)), labels, fontsize=7)
+    ax.set_ylabel("step time / PyTorch's")
+    ax.set_title("Training step (forward + backward + AdamW), same run")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Training-step time: minillm vs PyTorch CPU.")
-    ap.add_argument("--presets", nargs="+", default=["tiny", "small"])
-    ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
-    ap.add_argument("--repeats", type=int, default=7, help="timed steps per case (>= 5)")
+    ap.add_argument("--presets", nargs="+", default=["tiny", "small", "wide"],
+                    choices=["tiny", "small", "wide"])
+    ap.add_argument("--backends", nargs="+", default=["numba", "torch"], choices=BACKENDS)
+    ap.add_argument("--repeats", type=int, default=5, help="timed steps per case and round (>= 5)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (JIT, caches)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved runs of each case")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    ap.add_argument("--wide-batch-size", type=int, default=4)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                    help="thread settings: every pool (BLAS, OpenMP, Numba, torch) gets this many")
+    ap.add_argument("--no-cold", dest="cold", action="store_false", help="skip the cold-start part")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--worker", choices=BACKENDS, help=argparse.SUPPRESS)
+    ap.add_argument("--area", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.repeats < 5:
         raise ValueError(f"--repeats={args.repeats} must be >= 5 (medians over >= 5 runs)")
-    if args.batch_size < 1 or args.warmup < 1:
-        raise ValueError(f"--batch-size={args.batch_size} and --warmup={args.warmup} must be >= 1")
-    if args.worker:
+    if min(args.batch_size, args.wide_batch_size, args.warmup, args.rounds, *args.threads) < 1:
+        raise ValueError("--batch-size, --wide-batch-size, --warmup, --rounds and --threads must be >= 1")
+    if args.worker or args.area:
         return worker(args)
 
-    import minillm as mm
+    cpu = timing.cpu_name()
+    load_start = os.getloadavg()
     rows = []
     for preset in args.presets:
-        cfg = mm.GPTConfig.preset(preset)
-        results = {b: run_case(b, preset, args.batch_size, args.warmup, args.repeats, args.threads)
-                   for b in args.backends}
-        torch_s = results["torch"]["median_s"] if "torch" in results else None
-        for b, res in results.items():
-            tokens = args.batch_size * cfg.block_size
-            rows.append({"backend": b, "device": res["device"], "preset": preset,
-                         "B": args.batch_size, "T": cfg.block_size,
-                         "median_ms": res["median_s"] * 1e3, "tokens_per_s": tokens / res["median_s"],
-                         "peak_mb": res["peak_mb"], "peak_method": res["peak_method"],
-                         "ratio_vs_torch": res["median_s"] / torch_s if torch_s else None,
-                         "times_ms": [t * 1e3 for t in res["times_s"]], "version": res["version"],
-                         "threads": res["threads"]})
-            print(f"  {preset} {b}: {res['median_s'] * 1e3:.1f} ms ({res['version']})", file=sys.stderr)
-    print(table(rows))
-    print(f"\n{timing.machine_line()}; torch threads: {args.threads}")
+        cfg = config(preset)
+        B = args.wide_batch_size if preset == "wide" else args.batch_size
+        for n in args.threads:
+            results = interleaved(args.backends, preset, B, args.warmup, args.repeats, n, args.rounds)
+            torch_res = results.get("torch")
+            for b, res in results.items():
+                rows.append({"backend": b, "preset": preset, "B": B, "T": cfg.block_size,
+                             "n_threads": n, "median_ms": res["median_s"] * 1e3,
+                             "tokens_per_s": B * cfg.block_size / res["median_s"],
+                             "peak_mb": res["peak_mb"], "peak_method": res["peak_method"],
+                             "ratio_vs_torch": res["median_s"] / torch_res["median_s"] if torch_res else None,
+                             "peak_vs_torch": (res["peak_mb"] / torch_res["peak_mb"]
+                                               if torch_res and res["peak_mb"] and torch_res["peak_mb"] else None),
+                             "times_ms": [t * 1e3 for t in res["times_s"]], "version": res["version"],
+                             "threads": res["threads"]})
+                print(f"  {preset} {n} thr {b}: {res['median_s'] * 1e3:.1f} ms, "
+                      f"{res['peak_mb'] or 0:.0f} MB ({res['version']})", file=sys.stderr)
+    cold = cold_start() if args.cold else []
+    load_end = os.getloadavg()
+    load = (f"load average {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end "
+            f"(1-minute; {os.cpu_count()} CPUs, shared machine)")
+    text = table(rows, cpu) + "\n\n" + (cold_table(cold, cpu) + "\n\n" if cold else "") + load
+    print(text)
     meta = {"bench": "train_step", "argv": sys.argv[1:], "python": platform.python_version(),
-            "machine": platform.machine(), "cpu": timing.cpu_name(), "cpus": os.cpu_count(),
-            "threads": timing.thread_settings(),
-            "load_avg_at_end": os.getloadavg(),
+            "machine": platform.machine(), "cpu": cpu, "cpus": os.cpu_count(),
+            "threads": timing.thread_settings(), "load_avg_start": load_start, "load_avg_end": load_end,
             "step": "loss_and_grads + AdamW (lr=3e-4, betas=(0.9, 0.95), eps=1e-8, wd=0.1)",
-            "peak_memory": "VmHWM during timed steps - VmRSS after imports, fresh subprocess per case"}
+            "peak_memory": "VmHWM during timed steps - VmRSS after imports, fresh subprocess per case",
+            "rounds": args.rounds, "repeats": args.repeats, "warmup": args.warmup}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}",
-          file=sys.stderr)
+    files.atomic_write_text(args.out, json.dumps({"meta": meta, "rows": rows, "cold_start": cold}, indent=2))
+    files.atomic_write_text(args.out.with_suffix(".md"), text + "\n")
+    if rows:
+        plot(rows, args.out.with_suffix(".png"))
+    print(f"wrote {args.out.with_suffix('.{json,md,png}')}", file=sys.stderr)
 
 
 if __name__ == "__main__":

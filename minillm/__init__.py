@@ -15,3 +15,4 @@ __all__ = ["BPETokenizer", "GPT", "GPTConfig", "backend", "data", "train", "__ve
 from .pruning import prune, sparsity; __all__ += ["prune", "sparsity"]  # noqa: E402
 from .quantization import quantize; __all__ += ["quantize"]  # noqa: E402
 from .distillation import distill; __all__ += ["distill"]  # noqa: E402
+from .batching import Server, find_batch_size, memory_model; __all__ += ["Server", "find_batch_size", "memory_model"]  # noqa: E402

@@ -77,8 +77,22 @@ def add_train(sub) -> None:
     p.add_argument("--max-chars", type=int, default=None, help="use only the first N characters")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="last fraction of the ids held out for validation (default: 0.1)")
+    p.add_argument("--memory-budget", default=None,
+                   help="e.g. 1GiB: fit the batch to it by the memory model (a step that does not "
+                        "fit accumulates micro-batches; an out-of-memory error halves them)")
     _add_train_flags(p)
+    _add_parallel_flags(p, data=True)
     p.set_defaults(func=run_train)
+
+
+def _add_parallel_flags(p, data: bool) -> None:
+    """--tensor-parallel (and --data-parallel): split the run over MPI ranks (minillm.parallel)."""
+    p.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
+                   help="split every layer over N ranks, Megatron-style (run under mpiexec -n N; "
+                        "needs mpi4py: pip install mpi4py mpich)")
+    if data:
+        p.add_argument("--data-parallel", type=int, default=None, metavar="M",
+                       help="split each batch over M model replicas (mpiexec -n N*M in all)")
 
 
 def _add_train_flags(p) -> None:
@@ -96,10 +110,16 @@ def _add_train_flags(p) -> None:
 
 _ATTENTION_ARGS = ("attention", "window", "stride", "block", "n_global")   # GPTConfig fields
 
+def _batch_size(text: str):
+    """--batch-size: an int, or "auto" (the largest that fits --memory-budget)."""
+    return "auto" if text == "auto" else int(text)
+
+
 # flag -> TrainConfig field (dashes become underscores)
 _TRAIN_FLAGS = [
     ("--steps", int, "optimizer steps in the whole run"),
-    ("--batch-size", int, "sequences per step"),
+    ("--batch-size", _batch_size, "sequences per step, or 'auto': the largest that fits "
+                                  "--memory-budget (minillm.batching)"),
     ("--seq-len", int, "tokens per sequence (default: block_size)"),
     ("--lr", float, "peak learning rate"),
     ("--min-lr", float, "final learning rate of the cosine (default: lr / 10)"),
@@ -133,7 +153,18 @@ def run_train(args) -> int:
     from minillm.train import TOKENIZER_FILE, train
 
     out = Path(args.out)
+    comms = None                        # a parallel run: this rank's (tensor, data) groups, checked first
+    if args.tensor_parallel or args.data_parallel:
+        from minillm import parallel
+        comms = parallel.cli_grid(args.tensor_parallel, args.data_parallel)
+        args.no_progress |= bool(comms[0].rank or comms[1].rank)        # one progress bar
     text = _corpus_text(args)
+    auto = args.batch_size == "auto"
+    if auto:
+        args.batch_size = None               # chosen below, once the model's shape is known
+    if args.memory_budget is not None:       # a malformed budget fails before any work
+        from minillm.batching import parse_bytes
+        parse_bytes(args.memory_budget, "--memory-budget")
     if args.resume:
         meta = checkpoint.load_meta(out) if out.is_dir() else None
         if meta is None:
@@ -154,13 +185,38 @@ def run_train(args) -> int:
         tok = BPETokenizer.train(text, vocab, progress=not args.no_progress)
         cfg = mm.GPTConfig.preset(args.preset, vocab_size=tok.vocab_size, **overrides)
         model = mm.GPT(cfg, seed=tcfg.seed)
+    fit_hooks = []
+    if auto or args.memory_budget is not None:
+        tcfg, fit_hooks = _fit_batch(tcfg, model, args.memory_budget, auto)
     ids = data.encode_corpus(tok, text)
     train_ids, val_ids = data.split(ids, args.val_fraction)
     print(f"{model}; {len(train_ids):,} train / {len(val_ids):,} val tokens; {tcfg}")
+    hooks = ()
+    if comms:                           # rank 0 gathers and writes one unsharded checkpoint
+        model, hooks = parallel.parallel_training(model, tcfg, *comms)
+    hooks = list(hooks) + fit_hooks     # the out-of-memory backoff (--memory-budget), last
     res = train(model, train_ids, val_ids, tcfg, out_dir=out, resume=args.resume,
-                progress=not args.no_progress, tokenizer=tok)
+                progress=not args.no_progress, tokenizer=tok, hooks=hooks)
     _print_train_summary(res, out)
     return 0
+
+
+def _fit_batch(tcfg, model, budget, auto: bool):
+    """(train config, hooks) for --memory-budget: the batch (auto) or micro-batch that fits,
+    and the out-of-memory backoff (minillm.batching)."""
+    import dataclasses
+
+    from minillm import batching
+    if budget is None:
+        raise ValueError("--batch-size auto needs --memory-budget (e.g. --memory-budget 1GiB)")
+    budget = batching.parse_bytes(budget, "--memory-budget")
+    seq_len = tcfg.seq_len or model.config.block_size
+    B, micro = batching.plan_batch(model.config, seq_len, budget, None if auto else tcfg.batch_size)
+    need = batching.memory_model(model.config, micro or B, seq_len, accumulating=micro is not None)
+    print(f"batch {B}" + (f" in micro-batches of {micro}" if micro else "") + f" at seq_len {seq_len}: "
+          f"predicted peak {batching.format_bytes(need['total'])} of {batching.format_bytes(budget)}")
+    tcfg = dataclasses.replace(tcfg, batch_size=B, micro_batch_size=micro)
+    return tcfg, [batching.OOMBackoff(micro or B)]
 
 
 def _corpus_text(args) -> str:
@@ -216,6 +272,7 @@ def add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--no-cache", action="store_true",
                    help="re-run the whole prefix per token instead of using the KV cache")
+    _add_parallel_flags(p, data=False)
     p.set_defaults(func=run_generate)
 
 
@@ -228,10 +285,16 @@ def run_generate(args) -> int:
     from minillm.tokenizer import BPETokenizer
     from minillm.train import TOKENIZER_FILE
 
+    comms = None
+    if args.tensor_parallel:
+        from minillm import parallel
+        comms = parallel.cli_grid(args.tensor_parallel)
     if args.model:
         model, tok = mm.GPT.load(args.model), BPETokenizer.load(Path(args.model) / TOKENIZER_FILE)
     else:
         model, tok = mm.GPT.from_hf(args.hf), BPETokenizer.from_hf(args.hf)
+    if comms:                           # this rank's heads; the KV cache holds only those
+        model = parallel.ParallelGPT(model, *comms)
     ids = tok.encode(args.prompt)
     if not ids:
         raise ValueError(f"--prompt={args.prompt!r} encodes to no tokens; give some text")
@@ -249,6 +312,62 @@ def run_generate(args) -> int:
 
 # One line per subcommand; a new command adds its add_<name> here.
 COMMANDS = [add_info, add_train, add_generate]
+
+SERVE_EXAMPLES = """examples:
+  minillm serve --model runs/tour-model --port 8000 --max-batch 16 --memory-budget 512MiB
+  curl -s localhost:8000/v1/completions -d '{"prompt": "And God said", "max_tokens": 40, "temperature": 0}'
+  curl -sN localhost:8000/v1/completions -d '{"prompt": "And God said", "max_tokens": 40, "stream": true}'
+"""
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="serve a checkpoint over HTTP (OpenAI /v1/completions), continuous batching",
+        description="Answer POST /v1/completions (prompt, max_tokens, temperature, top_p, seed, "
+                    "stream) from one scheduler that admits waiting requests into free KV cache "
+                    "rows at every decode step (minillm.batching.Server). Logs each request's "
+                    "latency and time to first token.",
+        epilog=SERVE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="minillm checkpoint directory (with tokenizer.model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0: any free)")
+    p.add_argument("--max-batch", type=int, default=16, help="KV cache rows (default: %(default)s)")
+    p.add_argument("--memory-budget", default=None,
+                   help="e.g. 512MiB: fewer rows if weights + KV cache would not fit")
+    p.add_argument("--policy", default="continuous", choices=("continuous", "static"),
+                   help="static: admit a new batch only when the last one has finished")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args) -> int:
+    import logging
+    from pathlib import Path
+
+    import minillm as mm
+    from minillm import batching
+    from minillm.tokenizer import BPETokenizer
+    from minillm.train import TOKENIZER_FILE
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    budget = None if args.memory_budget is None else batching.parse_bytes(args.memory_budget,
+                                                                          "--memory-budget")
+    model, tok = mm.GPT.load(args.model), BPETokenizer.load(Path(args.model) / TOKENIZER_FILE)
+    server = batching.Server(model, args.max_batch, budget, policy=args.policy)
+    httpd = batching.make_http_server(server, tok, args.host, args.port, Path(args.model).name)
+    host, port = httpd.server_address[:2]
+    print(f"serving {args.model} at http://{host}:{port}/v1/completions: {server.slots} rows, "
+          f"KV cache {batching.format_bytes(server.kv_bytes)} ({args.policy} batching)", flush=True)
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.server_close()
+        server.stop()
+    return 0
+
+
+COMMANDS.append(add_serve)
 
 
 def add_tour(sub) -> None:
@@ -486,6 +605,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _call(args):
+    """Run the command; in a parallel run a failing rank reports and ends the whole job."""
+    if not (getattr(args, "tensor_parallel", None) or getattr(args, "data_parallel", None)):
+        return args.func(args)
+    from minillm import parallel
+    if parallel.launched_size() == 1:   # no mpiexec: errors are reported as usual
+        return args.func(args)
+    with parallel.abort_on_error(parallel.world(), f"minillm {args.command}"):
+        return args.func(args)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -496,7 +626,7 @@ def main(argv=None) -> int:
         if args.backend:
             from minillm import backend
             backend.use(args.backend)
-        return int(args.func(args) or 0)
+        return int(_call(args) or 0)
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
         print(f"minillm {args.command}: error: {exc}", file=sys.stderr)
         return 2

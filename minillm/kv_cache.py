@@ -102,15 +102,18 @@ class KVCache:
 
 
 # --- running blocks over the cache ---------------------------------------------------------
-def _run(model, cache: KVCache, idx, pos):
-    """Embed idx (B, T) at positions pos[b] + t, run every block over the cache -> (B, T, C)."""
+def _run(model, cache: KVCache, idx, pos, n_valid=None):
+    """Embed idx (B, T) at positions pos[b] + t, run every block over the cache -> (B, T, C).
+    n_valid (B,): row b's real tokens among the T (passed to kinds that take it,
+    ``seams.AttentionKind.takes_n_valid``: their state must not see the padding)."""
     p, cfg, xp = model.params, model.config, model.xp
     kind = seams.attention_kind(cfg.attention)
+    extra = {"n_valid": n_valid} if n_valid is not None and kind.takes_n_valid else {}
     x, _ = embedding_forward(xp.asarray(idx), p["wte.weight"], p["wpe.weight"], pos)   # (B, T, C)
     for i in range(cfg.n_layer):
         state = cache.layers[i]
         # the block itself, with its attention step reading and extending layer i's state
-        step = lambda qkv, n_head: (kind.step(qkv, state, pos, n_head, cfg), None)  # noqa: E731
+        step = lambda qkv, n_head: (kind.step(qkv, state, pos, n_head, cfg, **extra), None)  # noqa: E731
         x, _ = transformer.block_forward(x, p, i, cfg, attention=step)
     return x
 
@@ -135,7 +138,7 @@ def prefill(model, cache: KVCache, idx, lengths=None):
         raise ValueError(f"cache holds B={cache.batch_size}, S_max={cache.max_len}; "
                          f"prompts need B={B}, T={T}")
     cache.lengths[:] = 0
-    x = _run(model, cache, idx, cache.lengths)                         # (B, T, C)
+    x = _run(model, cache, idx, cache.lengths, n_valid=lengths)        # (B, T, C)
     cache.lengths[:] = lengths
     last = model.xp.asarray(lengths - 1)
     return _logits(model, x[model.xp.arange(B), last])                 # (B, V)
@@ -158,7 +161,7 @@ def decode_step(model, cache: KVCache, tokens, active=None):
         raise ValueError(f"the cache is full: a row holds {int(cache.lengths.max())} of "
                          f"max_len={cache.max_len} slots")
     model.check_idx(tokens[:, None], "tokens")
-    x = _run(model, cache, tokens[:, None], cache.lengths)             # (B, 1, C)
+    x = _run(model, cache, tokens[:, None], cache.lengths, n_valid=active.astype(np.int64))
     cache.lengths += active
     return _logits(model, x[:, 0])                                     # (B, V)
 

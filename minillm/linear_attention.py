@@ -35,7 +35,7 @@ from . import seams
 from .attention import merge_heads, merge_qkv, split_heads, split_qkv
 from .backend import xp_of
 from .layers import matmul
-from .sparse_attention import check_pattern_config, variant_row
+from .sparse_attention import check_pattern_config, valid_counts, variant_row
 from .tour import Row, TourContext, technique
 
 CHUNK = 64            # L: positions per chunk of the parallel form
@@ -137,33 +137,44 @@ def linear_attention_recurrent(q, k, v):
 
 
 # --- decoding: the recurrent state ------------------------------------------------------------------
-def recurrent_step(qkv, S, k_last, v_last, filled, pos, n_head: int):
+def recurrent_step(qkv, S, k_last, v_last, filled, pos, n_head: int, n_valid=None):
     """T new tokens per row at positions pos[b] ..: -> y (B, T, C); updates the state in place.
 
     State (batch row first): S (B, H, D, D + 1) = sum phi(k_j) [v_j, 1]^T over the committed
-    positions, and the last token's phi(k) (B, H, D) and [v, 1] (B, H, D + 1), committed only
-    when the next position arrives, so a step that redoes the last token (an inactive row's
-    dummy token in ``kv_cache.decode_step``) replaces it instead of adding it twice;
-    ``filled`` (B,) host ints: positions seen. pos = 0 starts the row afresh.
+    positions, and the last real token's phi(k) (B, H, D) and [v, 1] (B, H, D + 1), committed
+    only when the next position arrives, so a step that redoes the last token (an inactive
+    row's dummy token, when the caller gives no n_valid) replaces it instead of adding it
+    twice; ``filled`` (B,) host ints: positions seen. pos = 0 starts the row afresh.
+    n_valid (B,): only row b's first n_valid[b] tokens are real; the padding after them never
+    enters S, and a row with n_valid 0 keeps its state as it was.
     """
     xp = xp_of(qkv)
     q, k, v = split_qkv(qkv, n_head)                                   # (B, H, T, D)
+    B, T = qkv.shape[:2]
     pos = np.asarray(pos)
+    n_valid = valid_counts(n_valid, B, T)
     bad = (pos != 0) & ((pos > filled) | (pos < filled - 1))
     if bad.any():
         b = int(np.argmax(bad))
         raise ValueError(f"pos={int(pos[b])} for row {b}, whose recurrent state has seen "
                          f"{int(filled[b])} positions: linear attention can continue a row, redo its "
-                         f"last token or restart at 0, not go further back (right-padded prompts of "
-                         f"different lengths need the prompt lengths in the step)")
-    commit = xp.asarray(((pos == filled) & (pos > 0)).astype(S.dtype))[:, None, None, None]
-    keep = xp.asarray((pos > 0).astype(S.dtype))[:, None, None, None]
-    S[...] = keep * (S + commit * (k_last[..., :, None] * v_last[..., None, :]))
+                         f"last token or restart at 0, not go further back (right-padded prompts "
+                         f"must pass n_valid=lengths, as kv_cache.prefill does)")
+    col = lambda a: xp.asarray(a.astype(S.dtype))[:, None, None, None]   # noqa: E731  (B,) -> (B, 1, 1, 1)
+    commit = (pos == filled) & (pos > 0)                               # the pending token is history
+    before = col(pos > 0) * (S + col(commit) * (k_last[..., :, None] * v_last[..., None, :]))
     Q, K, V1 = feature_map(q), feature_map(k), _with_ones(v)
-    num = causal_linear(Q, K, V1) + matmul(Q, S)                       # (B, H, T, D + 1)
-    S += matmul(K[:, :, :-1].transpose(0, 1, 3, 2), V1[:, :, :-1])     # all but the last token
-    k_last[...], v_last[...] = K[:, :, -1], V1[:, :, -1]
-    filled[:] = pos + qkv.shape[1]
+    num = causal_linear(Q, K, V1) + matmul(Q, before)                  # (B, H, T, D + 1)
+    # the new state: the real tokens but the last one added, the last one pending
+    add = xp.asarray((np.arange(T)[None, :] < n_valid[:, None] - 1).astype(S.dtype))   # (B, T)
+    Kw = K * add[:, None, :, None]
+    real = n_valid > 0
+    S[...] = xp.where(col(real), before + matmul(Kw.transpose(0, 1, 3, 2), V1), S)
+    last = xp.asarray(np.maximum(n_valid - 1, 0))
+    rows = xp.arange(B)
+    k_last[...] = xp.where(col(real)[..., 0], K[rows, :, last], k_last)
+    v_last[...] = xp.where(col(real)[..., 0], V1[rows, :, last], v_last)
+    filled[:] = np.where(real, pos + n_valid, filled)
     return merge_heads(num[..., :-1] / num[..., -1:])                  # (B, T, C)
 
 
@@ -172,6 +183,7 @@ class LinearAttention(seams.AttentionKind):
     (H D (D + 1) + H (2 D + 1) floats per layer and row, independent of the position)."""
 
     name = "linear"
+    takes_n_valid = True
 
     def check_config(self, config):
         check_pattern_config(config, self.name, ())
@@ -189,8 +201,8 @@ class LinearAttention(seams.AttentionKind):
         return (xp.zeros((B, H, D, D + 1), dtype=dt), xp.zeros((B, H, D), dtype=dt),
                 xp.zeros((B, H, D + 1), dtype=dt), np.zeros(B, dtype=np.int64))
 
-    def step(self, qkv, state, pos, n_head, config):
-        return recurrent_step(qkv, *state, pos, n_head)
+    def step(self, qkv, state, pos, n_head, config, n_valid=None):
+        return recurrent_step(qkv, *state, pos, n_head, n_valid)
 
 
 seams.register_attention(LinearAttention())

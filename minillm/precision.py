@@ -27,7 +27,9 @@ Where each precision is used (the code keeps to this table):
 Cost formula (bytes, P parameters): fp32 training holds 4P weights + 4P
 gradients + 8P moments; mixed precision adds the 2P half copy and its 2P
 gradients, and halves the activations. Inference with ``model.astype("float16")``
-holds 2P: a batch-1 decode step streams half the bytes.
+holds 2P: a batch-1 decode step streams half the bytes, if the matmul reads the
+2-byte codes itself (the ``numba`` backend's twin, ``backends/numba_precision.py``,
+widens each code in a register; NumPy's reference widens the whole matrix first).
 
 ``train(..., tcfg)`` with ``TrainConfig(precision="fp16" | "bf16")`` adds the
 ``MixedPrecision`` hook (``minillm.train``'s step seams): its loss runs the
@@ -42,8 +44,9 @@ import math
 import numpy as np
 
 from . import layers
-from .backend import xp_of
+from .backend import current, xp_of
 from .checks import check_choice, check_float, check_int
+from .tour import Row, TourContext, technique
 from .train import TrainHook
 
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -176,3 +179,23 @@ def log2_histogram(grads: dict, bins=None):
 
 
 FP16_MIN_SUBNORMAL = math.ldexp(1.0, -24)    # below half of this, a value rounds to 0 in fp16
+
+
+# --- the tour row ----------------------------------------------------------------------------
+@technique("mixed_precision", order=7)
+def mixed_precision_rows(ctx: TourContext) -> list[Row]:
+    """The baseline with its weights in fp16 and in bf16 (``model.astype``, no training):
+    bytes, validation perplexity and cached greedy decode speed against float32's.
+    Mixed-precision *training* is in ``bench/bench_precision.py`` (on the CPU it emulates
+    half compute and is slower; its win is on a GPU)."""
+    fp_tok_s = ctx.decode_tok_s(use_cache=True)
+    rows = []
+    for prec in ("fp16", "bf16"):
+        half = ctx.model.astype(PRECISIONS[prec])
+        tok_s = ctx.decode_tok_s(half, use_cache=True)
+        rows.append(Row(f"mixed_precision {prec} weights", half.num_params(), half.nbytes(),
+                        ctx.val_ppl(half), None, tok_s,
+                        f"{PRECISIONS[prec]} weights, float32 accumulation; cached decode {tok_s:.0f} "
+                        f"tok/s vs float32 cached {fp_tok_s:.0f} ({tok_s / fp_tok_s:.2f}x); no retraining",
+                        {"precision": prec, "fp32_cached_tok_s": fp_tok_s, "backend": current()}))
+    return rows

@@ -121,11 +121,17 @@ class AttentionKind:
     ``step(qkv, state, pos, n_head, config)``: T new tokens per row at positions
         pos[b] .. pos[b] + T - 1 (pos (B,) host ints) -> y (B, T, H D); updates
         ``state`` in place. Prefill is a step with pos = 0 and T = prompt length.
+        A kind with ``takes_n_valid = True`` also gets ``n_valid=`` (B,) host ints:
+        only row b's first n_valid[b] tokens are real (the rest is right padding, or
+        a row sitting out a decode step: 0), and only those may enter its state. A
+        kind whose state is slotted by position (dense) need not: padding lands in
+        slots the key mask hides and the next real token overwrites.
     ``check_config(config)``: raise ValueError for settings the kind cannot use.
     ``train_hooks(model)``: training hooks this kind always needs (default none).
     """
 
     name = "?"
+    takes_n_valid = False          # True: ``step`` accepts n_valid= (see above)
 
     def check_config(self, config) -> None:
         pass
@@ -198,6 +204,7 @@ LAZY_KINDS: dict[str, dict[str, str]] = {
         "llm_int8": "minillm.quantization",
         "w4g64": "minillm.quantization",
         "sparse": "minillm.pruning",
+        "tensor_parallel": "minillm.parallel",
     },
 }
 

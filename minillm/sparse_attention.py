@@ -35,11 +35,21 @@ flops-ish per score for the scores and the weighted sum:
     window, block    O(B H T (2c + n_global) D)    time and memory linear in T
     strided          O(B H T (2c + T / stride) D)  still quadratic, divided by stride
 
+The forward keeps y and lse_i = log sum_j exp(s_ij) per query (O(T), not the
+(T, K) softmax); the backward rebuilds att = exp(s - lse) from the scores
+(FlashAttention's trade: one more product instead of a stored matrix). These
+two kernels (``pattern_attention_forward/backward``) have a Numba twin
+(``backends/numba_attention_variants.py``) that walks each query's allowed keys
+only, fused: exactly the pattern's work, no 2c-wide chunks, no masks.
+
 Decoding (``AttentionKind.step``): window keeps a *ring buffer* of ``window``
 slots per layer (slot = position mod window, Mistral's rolling cache), so its
 cache bytes are 2 B H window D itemsize at any position. strided and block
 keep the dense cache (all K and V, ``seams.DenseAttention``'s layout) and mask
-it with their pattern: a strided query needs keys arbitrarily far back.
+it with their pattern: a strided query needs keys arbitrarily far back; block
+reads only the slots its pattern allows (O(block) per decoded token). Batches of
+right-padded prompts: the step gets n_valid = each row's real tokens
+(``seams.AttentionKind.takes_n_valid``), so padding never enters the ring.
 Axis legend as in ``model.py``; K: score columns of a query.
 """
 from __future__ import annotations
@@ -51,7 +61,7 @@ import numpy as np
 
 from . import seams
 from .attention import key_mask, merge_heads, merge_qkv, split_heads, split_qkv
-from .backend import xp_of
+from .backend import kernel, xp_of
 from .checks import check_int
 from .layers import matmul, softmax_backward, softmax_forward
 from .tour import Row, TourContext, technique
@@ -258,10 +268,11 @@ def column_groups(pattern: Pattern, T: int) -> tuple[list, np.ndarray]:
 
 # --- the chunked kernel: O(T c) ---------------------------------------------------------------------
 class SparseCache(NamedTuple):
-    q: np.ndarray          # (B, H, T, D) kept; the chunked key pairs are rebuilt (O(T D))
+    q: np.ndarray          # (B, H, T, D) kept; the scores are recomputed in the backward
     k: np.ndarray
     v: np.ndarray
-    att: np.ndarray        # (B, H, T, K) softmax over every column of a query; masked = 0
+    y: np.ndarray          # (B, H, T, D) the output
+    lse: np.ndarray        # (B, H, T) log sum_j exp(score_j) per query: the softmax in O(T)
     pattern: Pattern
 
 
@@ -274,23 +285,42 @@ def _split(x, groups):
     return out
 
 
-def sparse_attention_forward(q, k, v, pattern: Pattern):
-    """Causal attention with ``pattern``, chunked: q, k, v (B, H, T, D) -> (y (B, H, T, D), cache)."""
+def _masked_scores(q, k, pattern: Pattern):
+    """-> (groups, scores (B, H, T, K)): q . k / sqrt(D) for every column, -inf where masked."""
     xp = xp_of(q)
     groups, mask = column_groups(pattern, q.shape[2])                 # mask (T, K)
     scale = q.dtype.type(1.0 / math.sqrt(q.shape[3]))
     scores = xp.concatenate([g.scores(q, k) for g in groups], axis=-1) * scale   # (B, H, T, K)
-    scores = xp.where(xp.asarray(mask), scores, -xp.inf).astype(q.dtype)
-    att, _ = softmax_forward(scores)                                  # (B, H, T, K)
+    return groups, xp.where(xp.asarray(mask), scores, -xp.inf).astype(q.dtype)
+
+
+def score_columns(pattern: Pattern, T: int) -> int:
+    """K: the score columns per query the chunked kernel computes for T positions."""
+    return int(column_groups(pattern, T)[1].shape[1])
+
+
+@kernel("sparse_attention.pattern_attention_forward")
+def pattern_attention_forward(q, k, v, pattern: Pattern):
+    """Causal attention with ``pattern``, chunked: q, k, v (B, H, T, D) -> (y (B, H, T, D),
+    lse (B, H, T)). lse = m + log sum_j exp(s_j - m) (m = max_j s_j, so exp never overflows)
+    is all the backward needs to rebuild the softmax: att_j = exp(s_j - lse)."""
+    xp = xp_of(q)
+    groups, scores = _masked_scores(q, k, pattern)                    # (B, H, T, K)
+    m = scores.max(axis=-1, keepdims=True)                            # finite: i sees itself
+    e = xp.exp(scores - m)                                            # masked: exp(-inf) = 0
+    total = e.sum(axis=-1, keepdims=True)
+    att = e / total                                                   # (B, H, T, K) softmax
     y = sum(g.gather(a, v) for g, a in zip(groups, _split(att, groups)))         # (B, H, T, D)
-    return y, SparseCache(q, k, v, att, pattern)
+    return y, (m + xp.log(total))[..., 0]
 
 
-def sparse_attention_backward(dy, cache: SparseCache):
-    """-> (dq, dk, dv): the dense backward (``masked_attention_backward``) column group by group."""
+@kernel("sparse_attention.pattern_attention_backward")
+def pattern_attention_backward(dy, q, k, v, y, lse, pattern: Pattern):
+    """-> (dq, dk, dv): the dense backward (``masked_attention_backward``) column group by
+    group, on the softmax rebuilt from the scores and lse."""
     xp = xp_of(dy)
-    q, k, v, att, pattern = cache
-    groups, _ = column_groups(pattern, q.shape[2])
+    groups, scores = _masked_scores(q, k, pattern)
+    att = xp.exp(scores - lse[..., None]).astype(q.dtype)             # (B, H, T, K); masked = 0
     scale = q.dtype.type(1.0 / math.sqrt(q.shape[3]))
     atts = _split(att, groups)
     datt = xp.concatenate([g.scores(dy, v) for g in groups], axis=-1)            # (B, H, T, K)
@@ -299,6 +329,19 @@ def sparse_attention_backward(dy, cache: SparseCache):
     dq = sum(g.gather(d, k) for g, d in zip(groups, ds))
     dk = sum(g.scatter(d, q) for g, d in zip(groups, ds))
     return dq, dk, dv
+
+
+def sparse_attention_forward(q, k, v, pattern: Pattern):
+    """Causal attention with ``pattern``: q, k, v (B, H, T, D) -> (y (B, H, T, D), cache).
+    Runs the backend's twin of ``pattern_attention_forward`` if it has one (Numba: a fused
+    loop over each query's allowed keys only, ``backends/numba_attention_variants.py``)."""
+    y, lse = pattern_attention_forward(q, k, v, pattern)
+    return y, SparseCache(q, k, v, y, lse, pattern)
+
+
+def sparse_attention_backward(dy, cache: SparseCache):
+    """-> (dq, dk, dv) of ``sparse_attention_forward``."""
+    return pattern_attention_backward(dy, *cache)
 
 
 # --- decoding --------------------------------------------------------------------------------------
@@ -312,7 +355,11 @@ def attend(q, k, v, mask):
 
 
 def append_attend_pattern(qkv, k_cache, v_cache, pos, n_head: int, pattern: Pattern):
-    """The dense cache's step (``attention.append_attend``) with the pattern's mask -> y (B, T, C)."""
+    """The dense cache's step (``attention.append_attend``) with the pattern's mask -> y (B, T, C).
+
+    block: only the slots a query can see are read, the first n_global and those from the
+    earliest query's block-before on, so a decode step costs O(block + n_global), not
+    O(position); strided reads every slot (its keys reach back to the start)."""
     xp = xp_of(qkv)
     q, k, v = split_qkv(qkv, n_head)
     B, T = qkv.shape[:2]
@@ -322,8 +369,15 @@ def append_attend_pattern(qkv, k_cache, v_cache, pos, n_head: int, pattern: Patt
     v_cache[rows, :, slots] = v.transpose(0, 2, 1, 3)
     S = int(pos.max()) + T
     qpos = pos[:, None] + np.arange(T)[None, :]                        # (B, T)
-    mask = key_mask(pos, T, S) & pattern.allows(qpos[:, :, None], np.arange(S)[None, None, :])
-    return merge_heads(attend(q, k_cache[:, :, :S], v_cache[:, :, :S], mask))
+    kpos = np.arange(S)                                                # the slots read
+    if pattern.name == "block":
+        lo = max(0, (int(pos.min()) // pattern.block - 1) * pattern.block)
+        kpos = np.concatenate([np.arange(min(pattern.n_global, lo)), np.arange(lo, S)])
+    mask = key_mask(pos, T, S)[:, :, kpos] & pattern.allows(qpos[:, :, None], kpos[None, None, :])
+    if kpos.shape[0] == S:
+        return merge_heads(attend(q, k_cache[:, :, :S], v_cache[:, :, :S], mask))
+    ki = xp.asarray(kpos)
+    return merge_heads(attend(q, k_cache[:, :, ki], v_cache[:, :, ki], mask))
 
 
 def ring_positions(pos, W: int) -> np.ndarray:
@@ -335,7 +389,8 @@ def ring_positions(pos, W: int) -> np.ndarray:
 
 def check_ring_pos(pos, filled, W: int) -> None:
     """A ring step may start a row (pos 0), continue it, or redo its last token (an inactive
-    row's dummy step); going further back needs positions the ring has overwritten."""
+    row's dummy step, when the caller gives no n_valid); going further back needs positions
+    the ring has overwritten."""
     pos = np.asarray(pos)
     bad = (pos != 0) & ((pos > filled) | ((pos < filled - 1) & (filled > W)))
     if bad.any():
@@ -343,28 +398,41 @@ def check_ring_pos(pos, filled, W: int) -> None:
         raise ValueError(
             f"pos={int(pos[b])} for row {b}, whose ring buffer of {W} slots holds positions up to "
             f"{int(filled[b]) - 1}: a window-attention cache cannot go back further than one token "
-            f"(right-padded prompts of different lengths longer than the window need the prompt "
-            f"lengths in the step; see minillm.sparse_attention)")
+            f"(right-padded prompts must pass n_valid=lengths, as kv_cache.prefill does)")
 
 
-def ring_step(qkv, k_ring, v_ring, filled, pos, n_head: int, window: int):
+def valid_counts(n_valid, B: int, T: int) -> np.ndarray:
+    """n_valid (B,) ints in [0, T] (None: all T tokens of every row are real)."""
+    if n_valid is None:
+        return np.full(B, T, dtype=np.int64)
+    n_valid = np.asarray(n_valid)
+    if n_valid.shape != (B,) or n_valid.dtype.kind not in "iu" or n_valid.min() < 0 \
+            or n_valid.max() > T:
+        raise ValueError(f"n_valid must be {B} ints in [0, T={T}], got {n_valid!r}")
+    return n_valid.astype(np.int64)
+
+
+def ring_step(qkv, k_ring, v_ring, filled, pos, n_head: int, window: int, n_valid=None):
     """T new tokens per row at positions pos[b] ..: attend over the ring (the last W positions)
-    and the new tokens, then write the last min(T, W) of them into their slots -> y (B, T, C)."""
+    and the new tokens, then write row b's last min(n_valid[b], W) real tokens into their slots
+    (padding after them never enters the ring) -> y (B, T, C)."""
     xp = xp_of(qkv)
     q, k, v = split_qkv(qkv, n_head)                                     # (B, H, T, D)
     B, T, W = qkv.shape[0], qkv.shape[1], k_ring.shape[2]
     pos = np.asarray(pos)
+    n_valid = valid_counts(n_valid, B, T)
     check_ring_pos(pos, filled, W)
     qpos = pos[:, None] + np.arange(T)[None, :]                        # (B, T)
     kpos = np.concatenate([ring_positions(pos, W), qpos], axis=1)      # (B, W + T)
     pattern = Pattern("window", window)
     mask = pattern.allows(qpos[:, :, None], kpos[:, None, :])          # (B, T, W + T)
     y = attend(q, xp.concatenate([k_ring, k], axis=2), xp.concatenate([v_ring, v], axis=2), mask)
-    n = min(T, W)                                                      # older new tokens fall out
-    rows, slots = xp.arange(B)[:, None], xp.asarray(qpos[:, T - n:] % W)
-    k_ring[rows, :, slots] = k[:, :, T - n:].transpose(0, 2, 1, 3)     # (B, n, H, D) into the slots
-    v_ring[rows, :, slots] = v[:, :, T - n:].transpose(0, 2, 1, 3)
-    filled[:] = pos + T
+    for b in range(B):                                                 # older new tokens fall out
+        n, end = min(int(n_valid[b]), W), int(n_valid[b])
+        slots = xp.asarray(qpos[b, end - n:end] % W)
+        k_ring[b, :, slots] = k[b, :, end - n:end].transpose(1, 0, 2)  # (n, H, D) into the slots
+        v_ring[b, :, slots] = v[b, :, end - n:end].transpose(1, 0, 2)
+    filled[:] = pos + n_valid
     return merge_heads(y)                                              # (B, T, C)
 
 
@@ -416,14 +484,15 @@ class WindowAttention(SparseAttention):
 
     name = "window"
     required = ("window",)
+    takes_n_valid = True
 
     def init_state(self, config, batch_size, max_len, n_head, xp=np):
         shape = (batch_size, n_head, min(config.window, max_len), config.head_size)   # (B, H, W, D)
         return (xp.zeros(shape, dtype=config.np_dtype), xp.zeros(shape, dtype=config.np_dtype),
                 np.zeros(batch_size, dtype=np.int64))
 
-    def step(self, qkv, state, pos, n_head, config):
-        return ring_step(qkv, *state, pos, n_head, config.window)
+    def step(self, qkv, state, pos, n_head, config, n_valid=None):
+        return ring_step(qkv, *state, pos, n_head, config.window, n_valid)
 
 
 class StridedAttention(SparseAttention):

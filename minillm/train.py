@@ -496,8 +496,10 @@ def _restore(model, opt: AdamW, tcfg: TrainConfig, out_dir, hooks=()) -> tuple[l
         raise ValueError(f"checkpoint {str(out_dir)!r} has no optimizer state or meta.json "
                          f"step: it was not written by train() and cannot be resumed")
     _check_same_run(TrainConfig.from_dict(meta["train_config"]), tcfg, out_dir)
-    xp = model.xp
-    for name, array in saved.params.items():
+    xp, params = model.xp, saved.params
+    if hasattr(model, "shard_state"):         # a tensor-parallel rank keeps its slices (minillm.parallel)
+        params, state = model.shard_state(params, state)
+    for name, array in params.items():
         model.params[name][...] = xp.asarray(array)           # in place: keeps the arrays
     opt.load_state_dict(state)
     _restore_hooks(hooks, checkpoint.load_extra(out_dir, "hooks") or {},

@@ -18,6 +18,7 @@ from hypothesis import given, settings, strategies as st
 import minillm as mm
 from minillm import backend, gradcheck, kv_cache
 from minillm import linear_attention as la
+from minillm.generation import generate_batch
 from tests.helpers import assert_close, host_device_pair
 
 CFG64 = mm.GPTConfig(vocab_size=23, block_size=12, n_layer=2, n_head=2, n_embd=8, dtype="float64",
@@ -117,7 +118,8 @@ def test_the_state_has_a_fixed_size():
     assert {kv_cache.KVCache(cfg, 3, n).nbytes for n in (8, 100, 512)} == {3 * per_row}
 
 
-def test_an_inactive_row_redoes_its_last_token_and_a_freed_row_starts_again(rng):
+def test_an_inactive_row_keeps_its_state_and_a_freed_row_starts_again(rng):
+    """decode_step(active=...) gives an inactive row n_valid 0: its dummy token never enters S."""
     model = nontrivial(dataclasses.replace(CFG64, block_size=24, dtype="float32"))
     prompt = rng.integers(0, 23, (2, 6))
     cache = kv_cache.KVCache.for_model(model, 2, 24)
@@ -129,8 +131,20 @@ def test_an_inactive_row_redoes_its_last_token_and_a_freed_row_starts_again(rng)
     new = rng.integers(0, 23, (1, 4))
     row = cache.rows(slice(1, 2))
     assert_close("admitted", kv_cache.prefill(model, row, new)[0], model.forward(new)[0, -1])
-    with pytest.raises(ValueError, match="recurrent state"):     # right-padded: refused, not wrong
-        mm.generation.generate(model, prompt, 2, temperature=0, lengths=np.array([6, 2]))
+    with pytest.raises(ValueError, match="recurrent state"):     # behind the state: refused
+        la.recurrent_step(np.zeros((1, 1, 3 * 8)), *row.layers[0], np.array([2]), 2)
+
+
+def test_unequal_prompts_decode_in_one_batch_as_each_alone():
+    """Right-padded prompts: the padding never enters S (the step gets n_valid = the prompt
+    lengths), so each row equals its prompt decoded alone (greedy), cached or not."""
+    model = nontrivial(dataclasses.replace(CFG64, block_size=24, dtype="float32"))
+    prompts = [np.arange(1, 11), np.array([7, 8]), np.array([3, 1, 4, 1, 5, 9])]
+    kw = dict(max_new_tokens=8, temperature=0)
+    alone = [model.generate(p[None], **kw)[0] for p in prompts]
+    for use_cache in (True, False):
+        for got, want in zip(generate_batch(model, prompts, use_cache=use_cache, **kw), alone):
+            np.testing.assert_array_equal(got, want)
 
 
 def test_config_round_trip_save_load_and_refusals(tmp_path):

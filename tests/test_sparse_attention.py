@@ -143,14 +143,15 @@ def test_dtype_is_kept(dtype, rng):
 
 
 def test_score_memory_is_linear_in_T_for_window_and_block():
-    """Kept scores per query: 2c (+ n_global), independent of T (strided adds T / stride)."""
+    """Scores per query of the chunked kernel: 2c (+ n_global), independent of T (strided adds
+    T / stride); the cache keeps O(T) per head (y and lse), not the scores."""
     for T in (256, 1024):
+        assert sa.score_columns(sa.Pattern("window", 64), T) == 128
+        assert sa.score_columns(sa.Pattern("block", block=32, n_global=4), T) == 68
+        assert sa.score_columns(sa.Pattern("strided", None, 16), T) == 32 + T // 16
         x = np.zeros((1, 1, T, 2), np.float32)
-        assert sa.sparse_attention_forward(x, x, x, sa.Pattern("window", 64))[1].att.shape == (1, 1, T, 128)
-        assert sa.sparse_attention_forward(x, x, x, sa.Pattern("block", block=32, n_global=4))[1].att.shape \
-            == (1, 1, T, 68)
-        assert sa.sparse_attention_forward(x, x, x, sa.Pattern("strided", None, 16))[1].att.shape \
-            == (1, 1, T, 32 + T // 16)
+        cache = sa.sparse_attention_forward(x, x, x, sa.Pattern("window", 64))[1]
+        assert cache.lse.shape == (1, 1, T)
 
 
 # --- the kinds in the model --------------------------------------------------------------------------
@@ -203,7 +204,8 @@ def test_window_cache_bytes_stay_flat_and_linear_state_too():
 
 
 def test_an_inactive_row_keeps_its_window(rng):
-    """decode_step(active=...) lets a row redo its last token (continuous batching)."""
+    """decode_step(active=...) lets a row sit out a step (continuous batching): n_valid 0,
+    so its dummy token never enters the ring."""
     model = nontrivial(dataclasses.replace(CFG64, block_size=24, dtype="float32", **KINDS["window"]))
     prompt = rng.integers(0, 23, (2, 6))
     cache = kv_cache.KVCache.for_model(model, 2, 24)
@@ -215,22 +217,46 @@ def test_an_inactive_row_keeps_its_window(rng):
     assert_close("row 1 after a skipped step", got, want)
 
 
-def test_right_padded_prompts(rng):
-    """Rows of different lengths decode exactly while the prompts fit the ring; beyond, the
-    window kind refuses (the step does not get the prompt lengths) instead of going wrong."""
-    model = nontrivial(dataclasses.replace(CFG64, block_size=24, dtype="float32",
-                                           attention="window", window=6))
-    short = [np.array([1, 2, 3, 4, 5]), np.array([7, 8])]
-    kw = dict(max_new_tokens=6, temperature=0)
-    for a, b in zip(generate_batch(model, short, **kw), generate_batch(model, short, use_cache=False, **kw)):
-        np.testing.assert_array_equal(a, b)
+@pytest.mark.parametrize("kind", sorted(KINDS) + ["dense"])
+def test_unequal_prompts_decode_in_one_batch_as_each_alone(kind):
+    """Right-padded prompts longer than the window: padding never enters the ring (the step
+    gets n_valid = the prompt lengths), so each row of the batch equals its prompt decoded
+    alone (greedy), and so does the uncached batch."""
+    model = nontrivial(dataclasses.replace(CFG64, block_size=24, dtype="float32", **KINDS.get(kind, {})))
+    prompts = [np.arange(1, 11), np.array([7, 8]), np.array([3, 1, 4, 1, 5, 9])]
+    kw = dict(max_new_tokens=8, temperature=0)
+    alone = [model.generate(p[None], **kw)[0] for p in prompts]
+    for use_cache in (True, False):
+        for got, want in zip(generate_batch(model, prompts, use_cache=use_cache, **kw), alone):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_a_step_without_lengths_still_refuses_to_go_back_in_the_ring(rng):
+    """Called without n_valid (all tokens real), a row that would need overwritten slots is
+    refused, not decoded wrongly."""
+    W, n_head = 4, 1
+    ring = np.zeros((1, 1, W, 2)), np.zeros((1, 1, W, 2)), np.zeros(1, np.int64)
+    sa.ring_step(rng.standard_normal((1, 9, 6)), *ring, np.array([0]), n_head, W)
     with pytest.raises(ValueError, match="ring buffer"):
-        generate_batch(model, [np.arange(10), np.array([7, 8])], **kw)
-    for kind in ("strided", "block"):                     # they keep the dense cache: any lengths
-        m = mm.GPT(dataclasses.replace(model.config, **{"window": None, **KINDS[kind]}), params=model.params)
-        prompts = [np.arange(10), np.array([7, 8])]
-        for a, b in zip(generate_batch(m, prompts, **kw), generate_batch(m, prompts, use_cache=False, **kw)):
-            np.testing.assert_array_equal(a, b)
+        sa.ring_step(rng.standard_normal((1, 1, 6)), *ring, np.array([5]), n_head, W)
+    with pytest.raises(ValueError, match="n_valid"):
+        sa.ring_step(rng.standard_normal((1, 1, 6)), *ring, np.array([9]), n_head, W, np.array([2]))
+
+
+def test_block_decoding_reads_only_the_slots_its_pattern_allows(rng):
+    """The block kind's step reads the globals and the blocks from the earliest query's
+    block-before on; the result equals the full masked cache (slots outside made NaN: unread)."""
+    B, H, D, n_head, S = 2, 1, 3, 1, 40
+    p = sa.Pattern("block", block=5, n_global=2)
+    k, v = rng.standard_normal((B, H, S, D)), rng.standard_normal((B, H, S, D))
+    x = rng.standard_normal((B, 1, 3 * H * D))
+    pos = np.array([23, 31])
+    ref = sa.append_attend_pattern(x, k.copy(), v.copy(), pos, n_head, p)
+    lo = (23 // 5 - 1) * 5                                             # 15: the earliest block-before
+    k[:, :, 2:lo], v[:, :, 2:lo] = np.nan, np.nan                      # never read
+    got = sa.append_attend_pattern(x, k, v, pos, n_head, p)
+    assert np.isfinite(got).all()
+    assert_close("block step", got, ref)
 
 
 # --- config, files, errors -----------------------------------------------------------------------

@@ -97,6 +97,20 @@ def _sdpa_bwd(rng, dtype):
     return _normal(rng, y.shape, dtype), cache
 
 
+def _flash_fwd(rng, dtype):
+    """Like ``_sdpa_fwd``, and sometimes T past one tile and not a multiple of it."""
+    B, H, D = (int(n) for n in rng.integers(1, 4, size=3))
+    T = int(rng.choice([int(rng.integers(1, 12)), 129, 200]))
+    S = T + int(rng.choice([0, 0, rng.integers(1, 70)]))   # T < S: decoding with a KV cache
+    return tuple(_normal(rng, (B, H, n, D), dtype) for n in (T, S, S))
+
+
+def _flash_bwd(rng, dtype):
+    q, k, v = _flash_fwd(rng, dtype)
+    y, cache = backend.reference("attention.flash_forward")(q, k, v)
+    return _normal(rng, y.shape, dtype), cache
+
+
 def _linear_fwd(rng, dtype):
     Cin, Cout = (int(n) for n in rng.integers(1, 40, size=2))
     bias = _normal(rng, Cout, dtype) if rng.random() < 0.7 else None
@@ -123,6 +137,8 @@ MAKERS = {
     "layers.cross_entropy_backward": _ce_bwd,
     "attention.sdpa_forward": _sdpa_fwd,
     "attention.sdpa_backward": _sdpa_bwd,
+    "attention.flash_forward": _flash_fwd,
+    "attention.flash_backward": _flash_bwd,
     "layers.linear_forward": _linear_fwd,
     "layers.linear_backward": _linear_bwd,
 }
