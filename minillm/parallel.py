@@ -818,8 +818,11 @@ def tensor_parallel_row(ctx: TourContext) -> Row:
         if launcher.exists() and _has_mpi4py():
             env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
             code = f"from minillm.parallel import tour_worker; tour_worker({str(d)!r})"
-            subprocess.run([str(launcher), "-n", str(N), sys.executable, "-c", code], check=True,
-                           env=env, timeout=max(60.0, 2 * ctx.budget_s), capture_output=True)
+            run = subprocess.run([str(launcher), "-n", str(N), sys.executable, "-c", code], env=env,
+                                 timeout=max(60.0, 2 * ctx.budget_s), capture_output=True, text=True)
+            if run.returncode != 0:
+                raise RuntimeError(f"the tour's mpiexec -n {N} run failed (exit {run.returncode}):\n"
+                                   + (run.stderr or run.stdout)[-2000:])
             out = json.loads((d / "tour.json").read_text())
         else:
             out = run_simulated(N, lambda c: tour_measure(c, d, ctx.val_ids, ctx.train_ids, settings))[0]
