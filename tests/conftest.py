@@ -1,9 +1,15 @@
 """Suite-wide pytest setup: skip `gpu` tests without CuPy + a GPU, skip `mpi` tests
-when mpi4py cannot run, and put the active backend back after every test."""
+when mpi4py cannot run, and put the active backend back after every test.
+
+Hypothesis explores new random examples on every local run; CI (`.ci/run` sets
+MINILLM_HYPOTHESIS=ci) draws the same ones every time, so a red CI is a change's
+fault, not the dice's. A failure found locally prints the example to pin with
+``@example``."""
 from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -12,9 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from minillm import backend
 from tests import standin
+
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("MINILLM_HYPOTHESIS") == "ci":
+    settings.load_profile("ci")
 
 # The device stand-in (CuPy's rules on NumPy): registered once for the whole session.
 backend.register_backend("standin", standin)
