@@ -6,19 +6,30 @@ works in chunks: a query scores the 2c keys of its chunk and the chunk before
 pays for 512 scores and for the mask, softmax and backward passes over all of
 them, one NumPy temporary per operator.
 
-Here every query walks only its allowed keys (``_keys``: a list of positions,
-at most window + n_global, or window + T / stride for strided), so the work is
-exactly the pattern's: O(T w D) for a window of w. One query at a time, fused:
+Here the queries go four at a time (a *quad*, rows i0 .. i0 + 3). A query's keys
+are at most two runs of positions (``_runs``): the near run lo .. i (the window;
+block's own block and the one before; strided's local part), and a short far run
+(block's n_global first positions, strided's i - m stride). The four near runs
+overlap almost entirely, so the quad scores the union L .. i0 + 3 (w + 3 keys
+for a window of w) as one (4, n) tile and zeroes, after the exp, the entries a
+row's pattern forbids; the far runs go row by row. The work is the pattern's,
+O(T w D) for a window of w, plus 3 / w. Per quad, fused:
 
-forward   s_j = q_i . k_j / sqrt(D) for j in P(i); m = max s; p_j = exp(s_j - m);
-          y_i = sum p_j v_j / sum p_j; lse_i = m + log sum p_j   (the softmax's log-normaliser)
-backward  p_j = exp(s_j - lse_i) recomputed (FlashAttention's trade: no (T, w) matrix kept);
-          ds_j = p_j (dy_i . v_j - dy_i . y_i) / sqrt(D)   (the softmax backward, since
-          sum_j p_j (dy_i . v_j) = dy_i . y_i); dq_i += ds_j k_j, dk_j += ds_j q_i, dv_j += p_j dy_i
+forward   S = Q K_band^T / sqrt(D) (4, n); m_r = max S_r; P = exp(S - m) on each row's
+          allowed keys, 0 elsewhere; y_r = P_r V_band / sum P_r;
+          lse_r = m_r + log sum P_r   (the softmax's log-normaliser)
+backward  P = exp(S - lse) recomputed (FlashAttention's trade: no (T, w) matrix kept);
+          dS = P * (dY V_band^T - delta) / sqrt(D), delta_r = dy_r . y_r   (the softmax
+          backward, since sum_j p_j (dy . v_j) = dy . y); dQ = dS K_band,
+          dK_band += dS^T Q, dV_band += P^T dY
 
-The inner loops run over D contiguous floats (a dot product or an axpy), which
-LLVM vectorises with ``fastmath`` (reassociated sums). Arithmetic in the input
-dtype; exp is scalar libm per score. Single-threaded, like the other twins
+Every product is one of two small-times-band loops over the band's positions t
+(``_mac``: a (4, 4) block of coefficients times 4 rows of the band, each loaded
+element serving 4 multiply-adds; ``_dotrows``: 16 dot products along t at once),
+with keys, values and their gradients stored transposed, (D, T), so the loops
+over t read contiguous rows, which LLVM vectorises (``fastmath``: reassociated
+sums). Arithmetic in the input dtype; exp: a vectorised polynomial for float32
+(``_exp_inplace``), libm's for float64. Single-threaded, like the other twins
 (``numba_layers.PARALLEL``). Axis legend as in ``minillm/model.py``.
 """
 from __future__ import annotations
@@ -31,6 +42,7 @@ from numba import njit
 KERNELS: dict = {}
 WINDOW, STRIDED, BLOCK = 0, 1, 2
 _KIND = {"window": WINDOW, "strided": STRIDED, "block": BLOCK}
+R = 4                                                  # queries per quad
 _jit = njit(cache=True, fastmath=True, error_model="numpy")
 
 
@@ -78,138 +90,289 @@ def _runs(i, kind, local, stride, block, n_global):
     return 0, 0, 1, lo, i + 1 - lo
 
 
-# Keys and values are read transposed, XT (D, T): a key's D numbers are a column, so the
-# loops of _dots and _gather run over a query's keys along contiguous rows (slices: LLVM vectorises loops over
-# slices, not over offset indices; measured ~3x), never a D-long sum per key. The near run
-# (the local window, most of the keys) takes 4 rows of XT per pass, so its output is loaded
-# and stored once per 4 products (D % 4 rows go one at a time); the far run is short.
+# --- the band products: a small matrix against rows of the band, along positions t ---------------
 @_jit
-def _dots(out, x, XT, a0, na, step, lo, nl, scale):
-    """out[t] = scale x . X[key_t] for the query's keys (t < na: the far run, then the near)."""
-    far, near = out[:na], out[na:na + nl]
-    far[:] = 0
-    near[:] = 0
-    D = XT.shape[0]
-    for c in range(D):
-        xc, row = x[c] * scale, XT[c, a0:a0 + na * step:step]
-        for t in range(na):
-            far[t] += xc * row[t]
-    for c in range(0, D - D % 4, 4):
-        x0, x1, x2, x3 = x[c] * scale, x[c + 1] * scale, x[c + 2] * scale, x[c + 3] * scale
-        r0, r1, r2, r3 = XT[c, lo:lo + nl], XT[c + 1, lo:lo + nl], XT[c + 2, lo:lo + nl], XT[c + 3, lo:lo + nl]
-        for t in range(nl):
-            near[t] += x0 * r0[t] + x1 * r1[t] + x2 * r2[t] + x3 * r3[t]
-    for c in range(D - D % 4, D):
-        xc, row = x[c] * scale, XT[c, lo:lo + nl]
-        for t in range(nl):
-            near[t] += xc * row[t]
-
-
-@_jit
-def _gather(out, w, XT, a0, na, step, lo, nl):
-    """out[c] = sum_t w[t] X[key_t, c]: the weighted sum of the keys' rows."""
-    w_far, w_near = w[:na], w[na:na + nl]
-    D = XT.shape[0]
-    for c in range(0, D - D % 4, 4):
-        r0, r1, r2, r3 = XT[c, lo:lo + nl], XT[c + 1, lo:lo + nl], XT[c + 2, lo:lo + nl], XT[c + 3, lo:lo + nl]
-        s0 = s1 = s2 = s3 = out[c] - out[c]             # 0 in the dtype
-        for t in range(nl):
-            s0 += w_near[t] * r0[t]
-            s1 += w_near[t] * r1[t]
-            s2 += w_near[t] * r2[t]
-            s3 += w_near[t] * r3[t]
-        out[c], out[c + 1], out[c + 2], out[c + 3] = s0, s1, s2, s3
-    for c in range(D - D % 4, D):
-        row = XT[c, lo:lo + nl]
-        total = out[c] - out[c]
-        for t in range(nl):
-            total += w_near[t] * row[t]
-        out[c] = total
-    for c in range(D):
-        row = XT[c, a0:a0 + na * step:step]
-        total = out[c] - out[c]
-        for t in range(na):
-            total += w_far[t] * row[t]
-        out[c] += total
+def _mac(out, o0, m, x, x0, n):
+    """out[a, o0 + t] += sum_b m[a, b] x[b, x0 + t] for t < n: m (A, Bm) small, x and out bands.
+    4 x 4 blocks of m: per t, 4 loads of x and 4 loads + stores of out for 16 multiply-adds."""
+    A, Bm = m.shape
+    Bq = Bm - Bm % 4
+    for a in range(0, A - A % 4, 4):
+        u0, u1, u2, u3 = out[a, o0:o0 + n], out[a + 1, o0:o0 + n], out[a + 2, o0:o0 + n], out[a + 3, o0:o0 + n]
+        for b in range(0, Bq, 4):
+            v0, v1, v2, v3 = x[b, x0:x0 + n], x[b + 1, x0:x0 + n], x[b + 2, x0:x0 + n], x[b + 3, x0:x0 + n]
+            m00, m01, m02, m03 = m[a, b], m[a, b + 1], m[a, b + 2], m[a, b + 3]
+            m10, m11, m12, m13 = m[a + 1, b], m[a + 1, b + 1], m[a + 1, b + 2], m[a + 1, b + 3]
+            m20, m21, m22, m23 = m[a + 2, b], m[a + 2, b + 1], m[a + 2, b + 2], m[a + 2, b + 3]
+            m30, m31, m32, m33 = m[a + 3, b], m[a + 3, b + 1], m[a + 3, b + 2], m[a + 3, b + 3]
+            for t in range(n):
+                y0, y1, y2, y3 = v0[t], v1[t], v2[t], v3[t]
+                u0[t] += m00 * y0 + m01 * y1 + m02 * y2 + m03 * y3
+                u1[t] += m10 * y0 + m11 * y1 + m12 * y2 + m13 * y3
+                u2[t] += m20 * y0 + m21 * y1 + m22 * y2 + m23 * y3
+                u3[t] += m30 * y0 + m31 * y1 + m32 * y2 + m33 * y3
+        for b in range(Bq, Bm):                        # Bm % 4 rows of x, one at a time
+            v = x[b, x0:x0 + n]
+            c0, c1, c2, c3 = m[a, b], m[a + 1, b], m[a + 2, b], m[a + 3, b]
+            for t in range(n):
+                y = v[t]
+                u0[t] += c0 * y
+                u1[t] += c1 * y
+                u2[t] += c2 * y
+                u3[t] += c3 * y
+    for a in range(A - A % 4, A):                      # A % 4 rows of out, one at a time
+        u = out[a, o0:o0 + n]
+        for b in range(Bm):
+            v, c = x[b, x0:x0 + n], m[a, b]
+            for t in range(n):
+                u[t] += c * v[t]
 
 
 @_jit
-def _scatter(X, w, x, a0, na, step, lo, nl):
-    """X[key_t] += w[t] x for the query's keys. Here X (T, D) is *not* transposed: each key's
-    row is D contiguous numbers updated at once (measured faster than 4 rows of XT per pass,
-    which LLVM must assume may overlap)."""
-    D = X.shape[1]
-    near, w_near = X[lo:lo + nl], w[na:na + nl]
-    for t in range(nl):
-        wt = w_near[t]
-        for c in range(D):
-            near[t, c] += wt * x[c]
+def _dotrows(out, w, x, x0, n):
+    """out[a, c] = sum_{t < n} w[a, t] x[c, x0 + t] for a < 4: four rows of weights against every
+    row of the band (4 rows of x at a time, 16 sums along t)."""
+    C = x.shape[0]
+    w0, w1, w2, w3 = w[0, :n], w[1, :n], w[2, :n], w[3, :n]
+    for c in range(0, C - C % 4, 4):
+        v0, v1, v2, v3 = x[c, x0:x0 + n], x[c + 1, x0:x0 + n], x[c + 2, x0:x0 + n], x[c + 3, x0:x0 + n]
+        z = out[0, 0] - out[0, 0]                      # 0 in the dtype
+        s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = z
+        s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = z
+        for t in range(n):
+            a0, a1, a2, a3 = w0[t], w1[t], w2[t], w3[t]
+            y0, y1, y2, y3 = v0[t], v1[t], v2[t], v3[t]
+            s00 += a0 * y0
+            s01 += a0 * y1
+            s02 += a0 * y2
+            s03 += a0 * y3
+            s10 += a1 * y0
+            s11 += a1 * y1
+            s12 += a1 * y2
+            s13 += a1 * y3
+            s20 += a2 * y0
+            s21 += a2 * y1
+            s22 += a2 * y2
+            s23 += a2 * y3
+            s30 += a3 * y0
+            s31 += a3 * y1
+            s32 += a3 * y2
+            s33 += a3 * y3
+        out[0, c], out[0, c + 1], out[0, c + 2], out[0, c + 3] = s00, s01, s02, s03
+        out[1, c], out[1, c + 1], out[1, c + 2], out[1, c + 3] = s10, s11, s12, s13
+        out[2, c], out[2, c + 1], out[2, c + 2], out[2, c + 3] = s20, s21, s22, s23
+        out[3, c], out[3, c + 1], out[3, c + 2], out[3, c + 3] = s30, s31, s32, s33
+    for c in range(C - C % 4, C):
+        v = x[c, x0:x0 + n]
+        z = out[0, 0] - out[0, 0]
+        s0 = s1 = s2 = s3 = z
+        for t in range(n):
+            y = v[t]
+            s0 += w0[t] * y
+            s1 += w1[t] * y
+            s2 += w2[t] * y
+            s3 += w3[t] * y
+        out[0, c], out[1, c], out[2, c], out[3, c] = s0, s1, s2, s3
+
+
+# --- the far run of one query: a few keys a0, a0 + step, ... far apart, so read and written as
+# rows of X (T, D) (a key's D numbers contiguous), not as columns of the transposed band ----------
+@_jit
+def _far_dots(out, x, X, a0, na, step):
+    """out[t] = x . X[a0 + t step] for t < na."""
     for t in range(na):
-        wt, j = w[t], a0 + t * step
-        for c in range(D):
-            X[j, c] += wt * x[c]
+        row = X[a0 + t * step]
+        total = out[t] - out[t]
+        for c in range(X.shape[1]):
+            total += x[c] * row[c]
+        out[t] = total
 
 
 @_jit
-def _forward(q, k, v, kind, local, stride, block, n_global, scale, fast, y, lse):
-    B, H, T, D = q.shape
-    s = np.empty(T, q.dtype)                           # one query's scores, then weights
+def _far_gather(out, w, X, a0, na, step):
+    """out += sum_t w[t] X[a0 + t step]."""
+    for t in range(na):
+        row, wt = X[a0 + t * step], w[t]
+        for c in range(X.shape[1]):
+            out[c] += wt * row[c]
+
+
+@_jit
+def _far_scatter(X, w, x, a0, na, step):
+    """X[a0 + t step] += w[t] x for t < na."""
+    for t in range(na):
+        row, wt = X[a0 + t * step], w[t]
+        for c in range(X.shape[1]):
+            row[c] += wt * x[c]
+
+
+# --- one quad's softmax rows ---------------------------------------------------------------------
+@_jit
+def _quad_runs(runs, i0, L, kind, local, stride, block, n_global):
+    """runs[r] = (a0, na, step, s_lo, s_hi) of query i0 + r: its far run and its near keys as
+    columns s_lo .. s_hi - 1 of the quad's tile (which starts at position L)."""
+    for r in range(R):
+        a0, na, step, lo, nl = _runs(i0 + r, kind, local, stride, block, n_global)
+        runs[r, 0], runs[r, 1], runs[r, 2], runs[r, 3], runs[r, 4] = a0, na, step, lo - L, lo - L + nl
+
+
+@_jit
+def _exp_row(row, far, s_lo, s_hi, shift, bits, fast):
+    """A row of the tile and its far scores: exp(x - shift) on the allowed columns
+    (s_lo .. s_hi - 1 of row, all of far), 0 on the others of row."""
+    row[:s_lo] = 0
+    row[s_hi:] = 0
+    near = row[s_lo:s_hi]
+    for t in range(s_hi - s_lo):
+        near[t] -= shift
+    _exp_inplace(near, s_hi - s_lo, bits, fast)
+    if far.shape[0] > 0:
+        for t in range(far.shape[0]):
+            far[t] -= shift
+        _exp_inplace(far, far.shape[0], bits, fast)
+
+
+@_jit
+def _softmax_row(row, far, s_lo, s_hi, bits, fast):
+    """One query's scores (row: the tile's, allowed on columns s_lo .. s_hi - 1; far: all
+    allowed) -> exp(x - m) in place, m their max (0 where forbidden); returns (sum, m)."""
+    near = row[s_lo:s_hi]
+    m = near[0]                                        # query i sees itself: s_hi > s_lo
+    for t in range(s_hi - s_lo):
+        m = max(m, near[t])
+    for t in range(far.shape[0]):
+        m = max(m, far[t])
+    _exp_row(row, far, s_lo, s_hi, m, bits, fast)
+    total = 0.0                                        # float64 sum
+    for t in range(s_hi - s_lo):
+        total += near[t]
+    for t in range(far.shape[0]):
+        total += far[t]
+    return total, m
+
+
+@_jit
+def _transposed(x, S):
+    """x (T, D) -> (D, S) with x.T in its first T columns (S >= T: the row length, see _row_length)."""
+    T, D = x.shape
+    out = np.empty((D, S), x.dtype)
+    for c in range(D):
+        for t in range(T):
+            out[c, t] = x[t, c]
+    return out
+
+
+@_jit
+def _first_key(i0, kind, local, stride, block, n_global):
+    """L: the first near key of query i0, the quad's first (lo is nondecreasing in i)."""
+    return _runs(i0, kind, local, stride, block, n_global)[3]
+
+
+@_jit
+def _forward(q, k, v, kind, local, stride, block, n_global, scale, fast, S, y, lse):
+    B, H, T, D = q.shape                               # T: a multiple of R (padded)
+    s, f = np.empty((R, T), q.dtype), np.empty((R, T), q.dtype)   # the quad's tile, far scores
     bits = np.empty(T, np.int32)                       # scratch of _exp_inplace
+    qs, totals = np.empty((R, D), q.dtype), np.empty(R)          # totals: float64 sums
+    runs = np.empty((R, 5), np.int64)
     for b in range(B):
         for h in range(H):
-            KT, VT = np.ascontiguousarray(k[b, h].T), np.ascontiguousarray(v[b, h].T)   # (D, T)
-            for i in range(T):
-                a0, na, step, lo, nl = _runs(i, kind, local, stride, block, n_global)
-                n = na + nl
-                _dots(s, q[b, h, i], KT, a0, na, step, lo, nl, scale)   # s_t = q_i . k_t / sqrt(D)
-                m = s[0]                               # n >= 1: query i sees itself
-                for t in range(1, n):
-                    m = max(m, s[t])
-                for t in range(n):
-                    s[t] -= m
-                _exp_inplace(s, n, bits, fast)
-                total = 0.0                            # float64 sum
-                for t in range(n):
-                    total += s[t]
-                yi = y[b, h, i]
-                _gather(yi, s, VT, a0, na, step, lo, nl)                # sum_t p_t v_t
-                inv = 1.0 / total
-                for c in range(D):
-                    yi[c] *= inv
-                lse[b, h, i] = m + math.log(total)
+            KT, VT = _transposed(k[b, h], S), _transposed(v[b, h], S)    # (D, S)
+            for i0 in range(0, T, R):
+                L = _first_key(i0, kind, local, stride, block, n_global)
+                n = i0 + R - L                         # the tile: keys L .. i0 + 3
+                _quad_runs(runs, i0, L, kind, local, stride, block, n_global)
+                for r in range(R):
+                    for c in range(D):
+                        qs[r, c] = q[b, h, i0 + r, c] * scale
+                for r in range(R):
+                    s[r, :n] = 0
+                _mac(s, 0, qs, KT, L, n)                       # S = Q K_band^T / sqrt(D)
+                for r in range(R):
+                    a0, na, step = runs[r, 0], runs[r, 1], runs[r, 2]
+                    if na > 0:
+                        _far_dots(f[r], qs[r], k[b, h], a0, na, step)
+                    totals[r], m = _softmax_row(s[r, :n], f[r, :na], runs[r, 3], runs[r, 4], bits, fast)
+                    lse[b, h, i0 + r] = m + math.log(totals[r])
+                _dotrows(y[b, h, i0:i0 + R], s, VT, L, n)     # P V_band, not yet normalised
+                for r in range(R):
+                    yi = y[b, h, i0 + r]
+                    if runs[r, 1] > 0:
+                        _far_gather(yi, f[r], v[b, h], runs[r, 0], runs[r, 1], runs[r, 2])
+                    inv = 1.0 / totals[r]              # the softmax's denominator
+                    for c in range(D):
+                        yi[c] *= inv
 
 
 @_jit
-def _backward(dy, q, k, v, y, lse, kind, local, stride, block, n_global, scale, fast, dq, dk, dv):
-    B, H, T, D = q.shape
-    p = np.empty(T, q.dtype)                           # one query's weights p_t
-    ds = np.empty(T, q.dtype)                          # and score gradients
+def _backward(dy, q, k, v, y, lse, kind, local, stride, block, n_global, scale, fast, S, dq, dk, dv):
+    B, H, T, D = q.shape                               # T: a multiple of R (padded)
+    p, ds = np.empty((R, T), q.dtype), np.empty((R, T), q.dtype)   # the quad's P and dP, then dS
+    fp, fd = np.empty((R, T), q.dtype), np.empty((R, T), q.dtype)  # the same for the far runs
     bits = np.empty(T, np.int32)
-    one = scale / scale                                # 1 in the input dtype
+    qs, qt, dyt = np.empty((R, D), q.dtype), np.empty((D, R), q.dtype), np.empty((D, R), q.dtype)
+    runs = np.empty((R, 5), np.int64)
+    delta = np.empty(R, q.dtype)
     for b in range(B):
         for h in range(H):
-            KT, VT = np.ascontiguousarray(k[b, h].T), np.ascontiguousarray(v[b, h].T)   # (D, T)
-            dkb, dvb = dk[b, h], dv[b, h]
+            KT, VT = _transposed(k[b, h], S), _transposed(v[b, h], S)    # (D, S)
+            dKT, dVT = np.zeros((D, S), q.dtype), np.zeros((D, S), q.dtype)   # the bands' part
+            dkb, dvb = dk[b, h], dv[b, h]                 # (T, D): the far runs' part, then all
             dkb[:] = 0
             dvb[:] = 0
-            for i in range(T):
-                a0, na, step, lo, nl = _runs(i, kind, local, stride, block, n_global)
-                n = na + nl
-                qi, dyi, yi = q[b, h, i], dy[b, h, i], y[b, h, i]
-                _dots(p, qi, KT, a0, na, step, lo, nl, scale)
-                li = lse[b, h, i]
-                for t in range(n):
-                    p[t] -= li
-                _exp_inplace(p, n, bits, fast)         # p_t = exp(s_t - lse_i): the softmax
-                _dots(ds, dyi, VT, a0, na, step, lo, nl, one)       # dy_i . v_t
-                delta = yi[0] * dyi[0]                 # dy_i . y_i = sum_t p_t (dy_i . v_t)
-                for c in range(1, D):
-                    delta += yi[c] * dyi[c]
-                for t in range(n):
-                    ds[t] = p[t] * (ds[t] - delta) * scale
-                _gather(dq[b, h, i], ds, KT, a0, na, step, lo, nl)  # dq_i = sum_t ds_t k_t
-                _scatter(dkb, ds, qi, a0, na, step, lo, nl)         # dk_t += ds_t q_i
-                _scatter(dvb, p, dyi, a0, na, step, lo, nl)         # dv_t += p_t dy_i
+            for i0 in range(0, T, R):
+                L = _first_key(i0, kind, local, stride, block, n_global)
+                n = i0 + R - L
+                _quad_runs(runs, i0, L, kind, local, stride, block, n_global)
+                for r in range(R):
+                    d = scale - scale                  # 0 in the dtype
+                    for c in range(D):
+                        qs[r, c] = q[b, h, i0 + r, c] * scale
+                        qt[c, r] = q[b, h, i0 + r, c]
+                        dyt[c, r] = dy[b, h, i0 + r, c]
+                        d += dy[b, h, i0 + r, c] * y[b, h, i0 + r, c]
+                    delta[r] = d                       # dy_i . y_i = sum_t p_t (dy_i . v_t)
+                # pass 1: P = exp(S - lse) and dP = dY V^T on the tile and the far runs
+                for r in range(R):
+                    p[r, :n] = 0
+                    ds[r, :n] = 0
+                _mac(p, 0, qs, KT, L, n)
+                _mac(ds, 0, dy[b, h, i0:i0 + R], VT, L, n)
+                for r in range(R):
+                    a0, na, step, s_lo, s_hi = runs[r, 0], runs[r, 1], runs[r, 2], runs[r, 3], runs[r, 4]
+                    if na > 0:
+                        _far_dots(fp[r], qs[r], k[b, h], a0, na, step)
+                        _far_dots(fd[r], dy[b, h, i0 + r], v[b, h], a0, na, step)
+                    _exp_row(p[r, :n], fp[r, :na], s_lo, s_hi, lse[b, h, i0 + r], bits, fast)
+                # pass 2: dS = P (dP - delta) / sqrt(D); forbidden entries have P = 0
+                for r in range(R):
+                    dr, pr, sub = ds[r, :n], p[r, :n], delta[r]
+                    for t in range(n):
+                        dr[t] = pr[t] * (dr[t] - sub) * scale
+                    fdr, fpr = fd[r], fp[r]
+                    for t in range(runs[r, 1]):
+                        fdr[t] = fpr[t] * (fdr[t] - sub) * scale
+                # pass 3: dQ = dS K_band, dK_band += dS^T Q, dV_band += P^T dY
+                _dotrows(dq[b, h, i0:i0 + R], ds, KT, L, n)
+                _mac(dKT, L, qt, ds, 0, n)
+                _mac(dVT, L, dyt, p, 0, n)
+                for r in range(R):
+                    a0, na, step = runs[r, 0], runs[r, 1], runs[r, 2]
+                    if na == 0:
+                        continue
+                    _far_gather(dq[b, h, i0 + r], fd[r], k[b, h], a0, na, step)
+                    _far_scatter(dkb, fd[r], q[b, h, i0 + r], a0, na, step)
+                    _far_scatter(dvb, fp[r], dy[b, h, i0 + r], a0, na, step)
+            dkb += dKT[:, :T].T
+            dvb += dVT[:, :T].T
+
+
+def _row_length(T: int, itemsize: int) -> int:
+    """S >= T for the transposed (D, S) keys and values: rows 4 KiB + 1088 bytes apart (mod 4 KiB),
+    so the 4 rows a loop of _mac reads and writes are not 4 KiB apart, which stalls loads behind
+    stores they only seem to depend on ("4K aliasing"; ~1.2-1.5x on _mac's gradient loop in a
+    micro-benchmark at T = 8192)."""
+    return (-(-(T * itemsize - 1088) // 4096) * 4096 + 1088) // itemsize
 
 
 def _ints(pattern):
@@ -220,28 +383,46 @@ def _ints(pattern):
             int(pattern.block or 1), int(pattern.n_global or 0))
 
 
-def _contiguous(*arrays):
-    return [np.ascontiguousarray(a) for a in arrays]
+def _padded(*arrays):
+    """Contiguous copies with T rounded up to a multiple of R by zero rows: the last quad's
+    extra queries see zero q, dy (so they add nothing to dk, dv) and are dropped."""
+    T = arrays[0].shape[2]
+    Tp = -(-T // R) * R
+    out = []
+    for a in arrays:
+        if Tp == T:
+            out.append(np.ascontiguousarray(a))
+            continue
+        z = np.zeros(a.shape[:2] + (Tp,) + a.shape[3:], a.dtype)
+        z[:, :, :T] = a
+        out.append(z)
+    return out
+
+
+def _cut(T, *arrays):
+    """The first T rows of each (the padding dropped)."""
+    return tuple(a if a.shape[2] == T else np.ascontiguousarray(a[:, :, :T]) for a in arrays)
 
 
 def pattern_attention_forward(q, k, v, pattern):
     """Accelerated minillm.sparse_attention.pattern_attention_forward — see it for the math."""
-    q, k, v = _contiguous(q, k, v)
     B, H, T, D = q.shape
+    q, k, v = _padded(q, k, v)
     y = np.empty_like(q)
-    lse = np.empty((B, H, T), dtype=q.dtype)
+    lse = np.empty(q.shape[:3], dtype=q.dtype)
     _forward(q, k, v, *_ints(pattern), q.dtype.type(1.0 / math.sqrt(D)), q.dtype == np.float32,
-             y, lse)
-    return y, lse
+             _row_length(q.shape[2], q.itemsize), y, lse)
+    return _cut(T, y, lse)
 
 
 def pattern_attention_backward(dy, q, k, v, y, lse, pattern):
     """Accelerated minillm.sparse_attention.pattern_attention_backward — see it for the math."""
-    dy, q, k, v, y, lse = _contiguous(dy, q, k, v, y, lse)
+    T = q.shape[2]
+    dy, q, k, v, y, lse = _padded(dy, q, k, v, y, lse)
     dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
     _backward(dy, q, k, v, y, lse, *_ints(pattern), q.dtype.type(1.0 / math.sqrt(q.shape[3])),
-              q.dtype == np.float32, dq, dk, dv)
-    return dq, dk, dv
+              q.dtype == np.float32, _row_length(q.shape[2], q.itemsize), dq, dk, dv)
+    return _cut(T, dq, dk, dv)
 
 
 KERNELS["sparse_attention.pattern_attention_forward"] = pattern_attention_forward

@@ -11,8 +11,9 @@ Parts (``--parts``):
 - ``scaling``: one attention layer, B=1, H=8, D=32, float32, forward + backward
   (random upstream gradient) at T = --sizes: dense (query rows in chunks of 1024
   so the (T, T) scores never exist at once: ``attention.sdpa_forward/backward`` on
-  each chunk against the keys up to it), window 256 (the backend's twin: Numba's walks
-  only the allowed keys; and the NumPy chunked kernel, always), block 256 + 4 global,
+  each chunk against the keys up to it), window 256 (the backend's twin: Numba's takes
+  four queries at a time over their band of allowed keys; and the NumPy chunked kernel,
+  always), block 256 + 4 global,
   strided (stride 128), linear; torch's ``scaled_dot_product_attention(is_causal=True)``
   (its CPU flash kernel, 1 thread) as the dense peer. Median over --repeats after
   one warm-up; peak memory: tracemalloc's peak of one more run (NumPy reports its

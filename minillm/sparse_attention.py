@@ -39,8 +39,9 @@ The forward keeps y and lse_i = log sum_j exp(s_ij) per query (O(T), not the
 (T, K) softmax); the backward rebuilds att = exp(s - lse) from the scores
 (FlashAttention's trade: one more product instead of a stored matrix). These
 two kernels (``pattern_attention_forward/backward``) have a Numba twin
-(``backends/numba_attention_variants.py``) that walks each query's allowed keys
-only, fused: exactly the pattern's work, no 2c-wide chunks, no masks.
+(``backends/numba_attention_variants.py``) that takes four queries at a time
+against the band of keys they share, fused: about the pattern's work (a window's
+four queries score w + 3 keys each), no 2c-wide chunks, no mask arrays.
 
 Decoding (``AttentionKind.step``): window keeps a *ring buffer* of ``window``
 slots per layer (slot = position mod window, Mistral's rolling cache), so its
@@ -333,8 +334,8 @@ def pattern_attention_backward(dy, q, k, v, y, lse, pattern: Pattern):
 
 def sparse_attention_forward(q, k, v, pattern: Pattern):
     """Causal attention with ``pattern``: q, k, v (B, H, T, D) -> (y (B, H, T, D), cache).
-    Runs the backend's twin of ``pattern_attention_forward`` if it has one (Numba: a fused
-    loop over each query's allowed keys only, ``backends/numba_attention_variants.py``)."""
+    Runs the backend's twin of ``pattern_attention_forward`` if it has one (Numba: fused loops
+    over four queries' shared band of allowed keys, ``backends/numba_attention_variants.py``)."""
     y, lse = pattern_attention_forward(q, k, v, pattern)
     return y, SparseCache(q, k, v, y, lse, pattern)
 

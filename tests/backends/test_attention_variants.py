@@ -1,7 +1,8 @@
 """The Numba twins of minillm.sparse_attention's pattern kernels equal the NumPy reference.
 
-``backends/numba_attention_variants.py`` walks each query's allowed keys in fused loops
-(its own float32 exp); the reference is the chunked NumPy kernel. Both return
+``backends/numba_attention_variants.py`` takes the queries four at a time against the
+shared band of keys (zeroing what a row's pattern forbids; far keys row by row; its own
+float32 exp; T padded to a multiple of 4); the reference is the chunked NumPy kernel. Both return
 (y, lse) forward and (dq, dk, dv) backward, so the pair is compared end to end,
 hypothesis over the pattern, T, H and D, in float32 and float64; the twin's
 backward also meets float64 central differences and runs on the reference's
@@ -49,6 +50,24 @@ def test_twins_equal_the_reference_forward_and_backward(p, T, H, D, B, dtype, se
     grads = twin_b(dy, q, k, v, y, lse, p)
     for name, g, r in zip(("dq", "dk", "dv"), grads, ref_b(dy, q, k, v, y_ref, lse_ref, p)):
         assert g.dtype == np.dtype(dtype)
+        assert_close(name, g, r, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("p", [sa.Pattern("window", 64), sa.Pattern("strided", None, 16),
+                               sa.Pattern("block", block=30, n_global=4)], ids=lambda p: p.name)
+def test_twins_equal_the_reference_at_the_bench_head_size(p, dtype):
+    """D = 32 (the bench's; whole 4 x 4 blocks of the band loops), T = 301 (not a multiple
+    of 4: the padded last quad), windows and blocks much shorter than T; block = 30 puts
+    block starts inside quads (rows of one quad with different first keys)."""
+    q, k, v, dy = arrays(5, 1, 2, 301, 32, dtype)
+    y, lse = backend.twin("numba", FORWARD)(q, k, v, p)
+    y_ref, lse_ref = backend.reference(FORWARD)(q, k, v, p)
+    assert_close("y", y, y_ref, dtype)
+    assert_close("lse", lse, lse_ref, dtype)
+    grads = backend.twin("numba", BACKWARD)(dy, q, k, v, y, lse, p)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, backend.reference(BACKWARD)(dy, q, k, v, y_ref, lse_ref, p)):
+        assert g.shape == r.shape and g.flags.c_contiguous
         assert_close(name, g, r, dtype)
 
 
