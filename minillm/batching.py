@@ -23,11 +23,16 @@ What it changes against the baseline: the baseline trains with a fixed
    Iteration-level scheduling (Orca, Yu et al., OSDI 2022; vLLM, Kwon et al.,
    SOSP 2023) decides at *every decode step*: finished requests leave their KV
    cache row and waiting requests are prefilled into free rows, so every row
-   works. ``Server`` does this on the KV cache's row views
-   (``KVCache.rows(...)`` for the prefill, ``decode_step(..., active=)`` for
-   the step) and the sampling of ``minillm.sampling``; greedy outputs equal each
-   prompt generated alone. ``make_http_server`` puts it behind the OpenAI
-   completions API.
+   works. ``Server`` does this on the KV cache's row views: the prompts admitted
+   in a step are prefilled together in one pass, packed end to end without
+   padding (``prefill_packed``: Orca's selective batching, attention per
+   prompt, everything else over all their tokens at once); the decode step runs
+   only the busy rows, kept as a prefix of the cache (``decode_step`` on
+   ``KVCache.rows(slice(0, n))``; a request whose row is needed moves, state
+   and all); greedy rows are sampled with one argmax. Static batching runs the
+   same code and keeps its whole batch in the step until the last request is
+   done, as a padded batch does. Greedy outputs equal each prompt generated
+   alone. ``make_http_server`` puts it behind the OpenAI completions API.
 
 Memory of one training step (float32, dense attention; N = B T tokens; bytes =
 4 x the counts below; W = parameter count):
@@ -49,8 +54,9 @@ Memory of one training step (float32, dense attention; N = B T tokens; bytes =
                                                         gradients being summed
 
 Decoding (``mode="decode"``): weights, the KV cache ``2 L B H S D`` (``KVCache``),
-and the larger of one prompt's prefill (the server admits one request at a time:
-``3 H T^2 + 25 T C`` temporaries) and one decode step over B rows (``B (2 V + 25 C)``).
+and the larger of one prefill pass (the server packs the admitted prompts into
+passes of at most T tokens, attention one prompt at a time: ``3 H T^2 + 25 T C``
+temporaries) and one decode step over B rows (``B (2 V + 25 C)``).
 Axis legend as in ``model.py``.
 """
 from __future__ import annotations
@@ -66,9 +72,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import kv_cache, sampling
+from . import kv_cache, sampling, seams, transformer
 from .backend import current, to_numpy
 from .checks import check_choice, check_float, check_int, check_optional_int
+from .layers import embedding_forward
 from .tour import Row, TourContext, technique
 from .train import TrainHook, accumulated_loss_and_grads
 
@@ -280,14 +287,25 @@ class OOMBackoff(TrainHook):
 
 # --- 4. variable lengths: buckets ------------------------------------------------------------
 def bucket_batches(lengths, batch_size: int, seed: int = 0) -> list[np.ndarray]:
-    """Batches of indices of sequences of similar length (sorted longest first, then
-    chunked, so the one short batch holds the shortest; this minimises the padded
-    slots of any split into batches of ``batch_size``). The batch order is shuffled
-    with ``seed`` so training does not see lengths in order."""
+    """Batches of indices of sequences of similar length: sorted longest first, then
+    cut into consecutive batches of ``batch_size`` with the one short batch (if any)
+    placed where it pads least, which minimises the padded slots of any split into
+    batches of ``batch_size`` (with sizes fixed, an optimal split is consecutive in
+    sorted order). The batch order is shuffled with ``seed`` so training does not
+    see lengths in order."""
     lengths = _check_lengths(lengths)
-    batch_size = check_int("batch_size", batch_size, 1)
+    B = check_int("batch_size", batch_size, 1)
     order = np.argsort(-lengths, kind="stable")
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    s, full = lengths[order], len(order) // B                       # sorted lengths, full batches
+    r = len(order) - full * B                                       # the short batch's size
+    sizes = [B] * full
+    if r:                                                           # padded slots if k full batches
+        before = np.concatenate([[0], np.cumsum(s[0:full * B:B])])  # come first: their maxima,
+        after = np.concatenate([np.cumsum(s[r::B][::-1])[::-1], [0]])   # those after it,
+        k = int(np.argmin(B * before + r * s[np.arange(full + 1) * B] + B * after))   # its own
+        sizes.insert(k, r)
+    ends = np.cumsum(sizes)
+    batches = [order[e - n:e] for n, e in zip(sizes, ends)]
     perm = np.random.default_rng(seed).permutation(len(batches))
     return [batches[i] for i in perm]
 
@@ -315,6 +333,41 @@ def _check_lengths(lengths) -> np.ndarray:
 
 
 # --- 5. serving: iteration-level scheduling ---------------------------------------------------
+def prefill_packed(model, cache, rows, prompts):
+    """Prefill several prompts, each into its own cache row, in one pass -> logits (k, V).
+
+    ``prompts``: k 1-D id arrays; ``rows``: the cache row of each. The prompts are
+    laid end to end as one sequence of N = sum P tokens, without padding: the
+    embeddings, layer norms, linear layers and MLP run over all N tokens at once,
+    and only attention runs per prompt, on its own row and positions 0..P-1
+    (Orca's *selective batching*, Yu et al. 2022, sec. 4.2). Row k ends up as
+    ``kv_cache.prefill`` of that prompt alone would leave it; the logits are
+    those at each prompt's last token. The other rows are untouched.
+    """
+    p, cfg, xp = model.params, model.config, model.xp
+    kind = seams.attention_kind(cfg.attention)
+    lens = np.array([q.shape[0] for q in prompts], dtype=np.int64)                # (k,)
+    ends = np.cumsum(lens)
+    starts = ends - lens
+    ids = np.concatenate(prompts)[:, None]                                           # (N, 1)
+    pos = np.concatenate([np.arange(n) for n in lens])                               # (N,)
+    x, _ = embedding_forward(xp.asarray(ids), p["wte.weight"], p["wpe.weight"], pos)  # (N, 1, C)
+    x = x.reshape(1, -1, x.shape[-1])                                                # (1, N, C)
+    zero = np.zeros(1, dtype=np.int64)
+    for i in range(cfg.n_layer):
+        def attention(qkv, n_head, state=cache.layers[i]):                           # qkv (1, N, 3C)
+            ys = []
+            for r, s, e in zip(rows, starts, ends):
+                extra = {"n_valid": np.array([e - s])} if kind.takes_n_valid else {}
+                row = tuple(a[r:r + 1] for a in state)                               # a view
+                ys.append(kind.step(qkv[:, s:e], row, zero, n_head, cfg, **extra))  # (1, P, C)
+            return xp.concatenate(ys, axis=1), None                                  # (1, N, C)
+        x, _ = transformer.block_forward(x, p, i, cfg, attention=attention)
+    cache.lengths[np.asarray(rows)] = lens
+    logits, _ = transformer.head_forward(x[0, xp.asarray(ends - 1)], p, cfg)         # (k, V)
+    return logits
+
+
 @dataclass
 class Request:
     """One request: its prompt, sampling settings, tokens so far and timestamps."""
@@ -344,14 +397,18 @@ class Server:
     """Continuous (iteration-level) batching over one KV cache of ``slots`` rows.
 
     One step (``step``): drop cancelled requests; *admit* waiting requests into
-    free rows (prefill that row alone through a ``KVCache.rows`` view, sample its
-    first token); *decode* one token for every busy row (``decode_step`` with
-    ``active=`` the busy rows), sample, and free the rows that finished.
-    ``policy="static"`` admits only into an empty cache (the whole batch leaves
-    together): the baseline. ``memory_budget`` (bytes or "512MiB") caps the rows
-    so that weights + KV cache + the step's temporaries fit (``memory_model``,
-    ``mode="decode"``). ``submit`` may be called from any thread; the scheduler
-    runs in the caller's thread (``run_until_done``) or its own (``start``).
+    free rows (all of them prefilled together by ``prefill_packed``, in passes of
+    at most ``max_len`` tokens; each samples its first token); *decode* one token
+    for rows [0, n) (``decode_step`` on a ``KVCache.rows`` view, ``active=`` the
+    busy ones), sample, and free the rows that finished. Continuous batching keeps
+    the busy rows a prefix (a request moves into a hole no newcomer filled), so n
+    is the number of running requests. ``policy="static"`` admits only into an
+    empty cache and keeps n at its batch until the last request is done (finished
+    rows compute on a dummy token, as rows of a padded batch do): the baseline.
+    ``memory_budget`` (bytes or "512MiB") caps the rows so that weights + KV cache
+    + the step's temporaries fit (``memory_model``, ``mode="decode"``). ``submit``
+    may be called from any thread; the scheduler runs in the caller's thread
+    (``run_until_done``) or its own (``start``).
     """
 
     def __init__(self, model, max_batch: int = 16, memory_budget=None, max_len: int | None = None,
@@ -372,6 +429,9 @@ class Server:
         self.waiting: list[Request] = []
         self.requests: dict[int, Request] = {}
         self.timeline: list[list[int]] = []                           # per step: request id per row (-1 free)
+        self._width = 0                                               # decode steps run rows [0, _width)
+        self.rows_run = self.prefill_passes = 0                       # rows decoded (sum over steps), passes
+        self.decode_s = self.prefill_s = 0.0                          # seconds in each (host clock)
         self._inbox: queue.Queue = queue.Queue()
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -452,47 +512,94 @@ class Server:
     def step(self) -> bool:
         """Admit, decode one token per busy row, retire -> False when there is no work."""
         self._drain_inbox()
-        for r, req in enumerate(self.rows):
+        for req in self.rows:
             if req is not None and req.cancelled:
                 self._finish(req, "cancelled")
         self.waiting = [q for q in self.waiting if not q.cancelled]
         self._admit()
-        busy = np.array([req is not None for req in self.rows])                  # (B,)
+        n = self._width                                                          # rows [0, n) run
+        busy = np.array([req is not None for req in self.rows[:n]], dtype=bool)   # (n,)
         if not busy.any():
             return bool(self.waiting) or not self._inbox.empty()
         self.timeline.append([-1 if req is None else req.id for req in self.rows])
-        logits = kv_cache.decode_step(self.model, self.cache, self.next_token, active=busy)  # (B, V)
-        for r in np.flatnonzero(busy):
-            self._emit(self.rows[r], logits[r:r + 1])
+        t0 = time.perf_counter()
+        logits = kv_cache.decode_step(self.model, self.cache.rows(slice(0, n)), self.next_token[:n],
+                                      active=busy)                               # (n, V)
+        logits = to_numpy(logits)[busy]
+        self.decode_s += time.perf_counter() - t0
+        self.rows_run += n
+        self._emit([self.rows[r] for r in np.flatnonzero(busy)], logits)
         return True
 
     def _admit(self) -> None:
-        free = [r for r, req in enumerate(self.rows) if req is None]
-        if self.policy == "static" and len(free) < self.slots:
-            return                                      # static: wait until the whole batch left
-        for r in free:
-            if not self.waiting:
-                break
+        """Give waiting requests free rows, keep the busy rows a prefix, prefill the new ones."""
+        n = self._width
+        if self.policy == "static":
+            if any(req is not None for req in self.rows[:n]):
+                return                                  # static: wait until the whole batch left
+            n = 0
+        free = [r for r in range(n) if self.rows[r] is None] + list(range(n, self.slots))
+        admitted = []
+        for r in free[:len(self.waiting)]:
             req = self.waiting.pop(0)
             req.slot, self.rows[r] = r, req
-            view = self.cache.rows(slice(r, r + 1))     # this row only: the others keep their state
-            logits = kv_cache.prefill(self.model, view, req.prompt[None])        # (1, V)
-            self._emit(req, logits)
+            admitted.append(req)
+        n = max([n] + [req.slot + 1 for req in admitted])
+        # static runs its whole batch until the last request is done (finished rows compute
+        # on a dummy token, as a padded batch does); continuous runs only the busy rows
+        self._width = n if self.policy == "static" else self._compact(n)
+        group, tokens = [], 0
+        for req in admitted + [None]:                   # packed prefills of <= max_len tokens each
+            if group and (req is None or tokens + req.prompt.shape[0] > self.max_len):
+                t0 = time.perf_counter()
+                logits = to_numpy(prefill_packed(self.model, self.cache, [q.slot for q in group],
+                                                 [q.prompt for q in group]))    # (k, V)
+                self.prefill_s += time.perf_counter() - t0
+                self.prefill_passes += 1
+                self._emit(group, logits)
+                group, tokens = [], 0
+            if req is not None:
+                group.append(req)
+                tokens += req.prompt.shape[0]
 
-    def _emit(self, req: Request, logits) -> None:
-        """Sample ``req``'s next token from its logits (1, V); finish it or queue the token."""
-        nxt = int(sampling.sample_next(logits, req.temperature, req.top_k, req.top_p, [req.rng])[0])
+    def _compact(self, n: int) -> int:
+        """Move busy rows from the end of [0, n) into its holes -> the number of busy rows.
+
+        Holes appear when requests finish and no waiting request takes their row; a
+        move copies that row's decode state, so the request continues unchanged."""
+        busy = [r for r in range(n) if self.rows[r] is not None]
+        holes = [r for r in range(len(busy)) if self.rows[r] is None]
+        for dst, src in zip(holes, [r for r in busy if r >= len(busy)]):
+            for state in self.cache.layers:
+                for a in state:
+                    a[dst] = a[src]
+            self.cache.lengths[dst], self.cache.lengths[src] = self.cache.lengths[src], 0
+            self.next_token[dst] = self.next_token[src]
+            req = self.rows[src]
+            self.rows[dst], self.rows[src], req.slot = req, None, dst
+        return len(busy)
+
+    def _emit(self, reqs: list, logits) -> None:
+        """Sample each request's next token from its row of logits (k, V) on the host;
+        finish it or queue the token. Greedy rows take one argmax over all rows."""
+        greedy = sampling.sample_next(logits, 0.0) if any(q.temperature == 0 for q in reqs) else None
         now = time.perf_counter()
-        req.new.append(nxt)
-        req.t_first = now if req.t_first is None else req.t_first
-        if req.events is not None:
-            req.events.put(("token", nxt))
-        if req.eos_id is not None and nxt == req.eos_id:
-            self._finish(req, "stop")
-        elif len(req.new) == req.max_new_tokens:
-            self._finish(req, "length")
-        else:
-            self.next_token[req.slot] = nxt
+        for j, req in enumerate(reqs):
+            if req.temperature == 0:
+                nxt = int(greedy[j])
+            else:
+                nxt = int(sampling.sample_next(logits[j:j + 1], req.temperature, req.top_k, req.top_p,
+                                               [req.rng])[0])
+            req.new.append(nxt)
+            req.t_first = now if req.t_first is None else req.t_first
+            if req.events is not None:
+                req.events.put(("token", nxt))
+            if req.eos_id is not None and nxt == req.eos_id:
+                self._finish(req, "stop")
+            elif len(req.new) == req.max_new_tokens:
+                self._finish(req, "length")
+            else:
+                self.next_token[req.slot] = nxt
 
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason, req.t_done = reason, time.perf_counter()

@@ -12,11 +12,11 @@ import urllib.request
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import minillm as mm
-from minillm import batching, generation
+from minillm import batching, generation, kv_cache
 from minillm.train import TrainConfig, train
 from tests import standin
 
@@ -176,6 +176,8 @@ def test_accumulation_equals_the_big_batch():
 # --- length buckets -------------------------------------------------------------------------
 @FAST
 @given(st.lists(st.integers(1, 300), min_size=1, max_size=200), st.integers(1, 16))
+@example([1, 2, 1], 2)       # the short batch goes first here: [2], [1, 1] pads nothing
+@example([10, 9, 9, 1], 3)   # ... and last here: [10, 9, 9], [1]
 def test_buckets_cover_every_sequence_once_and_waste_less(lengths, B):
     lengths = np.array(lengths)
     buckets = batching.bucket_batches(lengths, B)
@@ -245,6 +247,50 @@ def test_continuous_fills_rows_that_static_leaves_idle(tiny_model):
     work = [(4, 30, 0), (4, 2, 0), (4, 2, 0), (4, 2, 0)]
     steps = {p: len(_serve(tiny_model, work, 2, p)[0].timeline) for p in ("continuous", "static")}
     assert steps["continuous"] < steps["static"]
+
+
+@pytest.mark.parametrize("kind", [dict(), dict(attention="linear"), dict(attention="window", window=8)])
+def test_packed_prefill_fills_each_row_as_its_own_prefill(kind):
+    """Prompts laid end to end in one pass leave each row (state and length) and its
+    logits as ``kv_cache.prefill`` of that prompt alone; the rows not named are untouched."""
+    model = mm.GPT(mm.GPTConfig(vocab_size=61, block_size=48, n_layer=2, n_head=4, n_embd=32, **kind),
+                   seed=2)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 61, n) for n in (7, 1, 19, 4)]
+    rows = [3, 0, 2, 4]
+    cache = kv_cache.KVCache.for_model(model, 6, 40)
+    before = [tuple(a[[1, 5]].copy() for a in state) for state in cache.layers]
+    logits = batching.prefill_packed(model, cache, rows, prompts)
+    for r, p, lg in zip(rows, prompts, logits):
+        alone = kv_cache.KVCache.for_model(model, 1, 40)
+        want = kv_cache.prefill(model, alone, p[None])
+        np.testing.assert_allclose(lg, want[0], rtol=1e-5, atol=1e-5)
+        assert cache.lengths[r] == len(p)
+        for state, ref in zip(cache.layers, alone.layers):
+            for a, b in zip(state, ref):
+                np.testing.assert_allclose(a[r], b[0], rtol=1e-5, atol=1e-5)
+    assert cache.lengths[[1, 5]].tolist() == [0, 0]
+    for state, old in zip(cache.layers, before):
+        for a, b in zip(state, old):
+            np.testing.assert_array_equal(a[[1, 5]], b)
+
+
+def test_continuous_decodes_only_running_rows_and_static_its_batch(tiny_model):
+    """Continuous: each step runs as many rows as requests are running (a request
+    moves into a freed row when no newcomer takes it); static runs its whole batch."""
+    work = [(6, 3, 0), (9, 14, 0), (3, 2, 0), (12, 10, 0), (5, 6, 0)]
+    for policy in ("continuous", "static"):
+        server, handles, prompts = _serve(tiny_model, work, 4, policy)
+        for i, (_, n, _) in enumerate(work):
+            alone = generation.generate(tiny_model, prompts[i][None], n, temperature=0.0)[0]
+            np.testing.assert_array_equal(server.result(handles[i]), alone)
+        busy = sum(sum(r >= 0 for r in t) for t in server.timeline)
+        if policy == "continuous":
+            assert server.rows_run == busy
+            assert all(all(r >= 0 for r in t[:sum(r >= 0 for r in t)]) for t in server.timeline)
+        else:
+            assert server.rows_run > busy
+        assert server.prefill_passes == 2                # the first four prompts in one pass
 
 
 def test_memory_budget_caps_the_rows(tiny_model):
