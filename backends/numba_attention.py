@@ -17,7 +17,11 @@ How the work is split on a CPU:
 - everything between two products is one fused Numba pass per row of the
   tile (scale, causal mask, running max, rescaling, ds = p (dp - delta));
 - ``exp`` over a tile is NumPy's vectorised ufunc, in place: Numba without
-  SVML would call scalar libm, slower and rounding differently.
+  SVML would call scalar libm, slower and rounding differently;
+- optionally (``SPLIT_HEADS``, off: see there for the measurement) the B * H
+  heads are split into one slab per thread, each run by a Python thread: a
+  tile's products are too small for BLAS to split them, so the attention
+  otherwise runs on one core while the linear layers' products use all.
 Tiles wholly above the causal diagonal are never computed, and inside a
 diagonal tile the passes stop at each row's last visible key.
 
@@ -27,15 +31,22 @@ the reference); row sums accumulate in float64, as in ``numba_layers``.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
+import numba
 import numpy as np
 from numba import njit
 
-TILE = 128     # query block / key tile; a (128, 128) float32 tile of a head is 64 KiB (fits L2)
+# Query block / key tile. Measured at 1 thread (AMD EPYC, flash fwd + bwd, min of 14
+# interleaved runs): (B, H, T, D) = (8, 8, 256, 32): 64 -> 26.4 ms, 128 -> 30.9 ms;
+# (4, 12, 256, 64): 64 -> 48.2 ms, 128 -> 62.8 ms. Smaller tiles skip more of the
+# causal upper triangle (T=256: 10 of 16 tiles computed instead of 3 of 4) and a
+# (64, 64) float32 tile per head (16 KiB) stays in L1/L2; 32 was no better than 64.
+TILE = 64
 
-_jit = njit(cache=True, fastmath=False, error_model="numpy")
-_jit_sum = njit(cache=True, fastmath={"reassoc"}, error_model="numpy")
+_jit = njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
+_jit_sum = njit(cache=True, nogil=True, fastmath={"reassoc"}, error_model="numpy")
 
 
 class FlashCache(NamedTuple):
@@ -111,15 +122,78 @@ def _visible(t0, t1, s0, s1, off):
     return np.clip(off + np.arange(t0, t1) - s0 + 1, 0, s1 - s0).astype(np.int64)
 
 
+def _slabs(B, H):
+    """Split the B * H heads into at most ``threads()`` slabs: [(axis, start, stop), ...].
+
+    Heads are independent, so each slab runs on its own thread (Python threads:
+    NumPy's matmul and exp and these kernels, compiled ``nogil``, release the
+    GIL). A tile's products are too small for BLAS to thread them itself
+    (OpenBLAS runs a product below 2^18 multiply-adds on the calling thread).
+    """
+    n = threads()
+    axis, size = (0, B) if B >= n or B >= H else (1, H)
+    n = max(1, min(n, size))
+    edges = [size * i // n for i in range(n + 1)]
+    return [(axis, a, b) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _part(a, axis, start, stop):
+    """Slab ``start:stop`` of ``a`` along ``axis`` (0: batch rows, 1: heads); a view."""
+    return a[start:stop] if axis == 0 else a[:, start:stop]
+
+
+def _run_slabs(fn, B, H, *arrays):
+    """fn(*slab views of ``arrays``) for every slab, on the pool when there is more than one."""
+    slabs = _slabs(B, H)
+    if len(slabs) == 1:
+        fn(*arrays)
+        return
+    jobs = [_pool().submit(fn, *(_part(a, *sl) for a in arrays)) for sl in slabs]
+    for job in jobs:
+        job.result()                                                     # re-raises a worker's error
+
+
+_POOL: list = []
+
+
+# Off by default, measured: a ``small`` training step (bench/bench_train.py --split,
+# AMD EPYC, 2 cores) took 883 ms with OpenBLAS on 2 threads and the attention on
+# one, 1065 ms with the heads split over 2 threads (1210 / 1271 ms with OpenBLAS on
+# 1). OpenBLAS's workers keep spinning for a while after each large product and
+# take the core the second slab needs. Flip to True to compare on another machine
+# (the split then uses Numba's thread count, NUMBA_NUM_THREADS).
+SPLIT_HEADS = False
+
+
+def threads() -> int:
+    """Threads for the head split: 1, or Numba's setting when ``SPLIT_HEADS``."""
+    return numba.get_num_threads() if SPLIT_HEADS else 1
+
+
+def _pool():
+    if not _POOL or _POOL[0][0] != threads():
+        if _POOL:
+            _POOL[0][1].shutdown(wait=False)
+        _POOL[:] = [(threads(), ThreadPoolExecutor(max_workers=threads(), thread_name_prefix="flash"))]
+    return _POOL[0][1]
+
+
 def flash_forward(q, k, v):
     """Accelerated minillm.attention.flash_forward — see it for the math."""
+    B, H, T, D = q.shape
+    y = np.empty((B, H, T, D), dtype=q.dtype)
+    lse = np.empty((B, H, T), dtype=q.dtype)
+    _run_slabs(_forward_heads, B, H, q, k, v, y, lse)
+    return y, FlashCache(q, k, v, y, lse)
+
+
+def _forward_heads(q, k, v, y, lse):
+    """The forward for one slab of heads; writes y (B, H, T, D) and lse (B, H, T)."""
     B, H, T, D = q.shape
     S = k.shape[2]
     off, R, dt = S - T, B * H, q.dtype
     scale = dt.type(1.0 / math.sqrt(D))
     kT = k.transpose(0, 1, 3, 2)                                         # (B, H, D, S) view
-    y = np.empty((B, H, T, D), dtype=dt)
-    lse = np.empty((B, H, T), dtype=dt)
     for t0, t1 in _tiles(T):
         bt = t1 - t0
         m = np.full((R, bt), -np.inf, dtype=dt)                          # running max
@@ -138,7 +212,6 @@ def flash_forward(q, k, v):
         _fwd_finish(acc, l, m, yb, lb)
         y[:, :, t0:t1] = yb.reshape(B, H, bt, D)
         lse[:, :, t0:t1] = lb.reshape(B, H, bt)
-    return y, FlashCache(q, k, v, y, lse)
 
 
 # --- backward --------------------------------------------------------------------------------
@@ -185,16 +258,24 @@ def flash_backward(dy, cache):
     q, k, v, y, lse = cache
     B, H, T, D = q.shape
     S = k.shape[2]
+    dy = np.ascontiguousarray(dy, dtype=q.dtype)                         # (B, H, T, D)
+    dq = np.zeros((B, H, T, D), dtype=q.dtype)
+    dk = np.zeros((B, H, S, D), dtype=q.dtype)
+    dv = np.zeros((B, H, S, D), dtype=q.dtype)
+    _run_slabs(_backward_heads, B, H, dy, q, k, v, y, lse, dq, dk, dv)
+    return dq, dk, dv
+
+
+def _backward_heads(dy, q, k, v, y, lse, dq, dk, dv):
+    """The backward for one slab of heads; adds into dq, dk, dv (zeros on entry)."""
+    B, H, T, D = q.shape
+    S = k.shape[2]
     off, R, dt = S - T, B * H, q.dtype
     scale = dt.type(1.0 / math.sqrt(D))
-    dy = np.ascontiguousarray(dy, dtype=dt)                              # (B, H, T, D)
     delta = np.empty((R, T), dtype=dt)
-    _row_dot(dy.reshape(R, T, D), np.ascontiguousarray(y).reshape(R, T, D), delta)
+    _row_dot(np.ascontiguousarray(dy).reshape(R, T, D), np.ascontiguousarray(y).reshape(R, T, D), delta)
     lse3 = np.ascontiguousarray(lse).reshape(R, T)
     kT, vT = k.transpose(0, 1, 3, 2), v.transpose(0, 1, 3, 2)           # (B, H, D, S) views
-    dq = np.zeros((B, H, T, D), dtype=dt)
-    dk = np.zeros((B, H, S, D), dtype=dt)
-    dv = np.zeros((B, H, S, D), dtype=dt)
     for t0, t1 in _tiles(T):
         bt = t1 - t0
         g = dy[:, :, t0:t1]                                              # (B, H, bt, D)
@@ -210,7 +291,6 @@ def flash_backward(dy, cache):
             _bwd_ds(p.reshape(R, bt, bs), ds.reshape(R, bt, bs), delta_b, scale)
             dq[:, :, t0:t1] += np.matmul(ds, k[:, :, s0:s1])
             dk[:, :, s0:s1] += np.matmul(ds.transpose(0, 1, 3, 2), q[:, :, t0:t1])
-    return dq, dk, dv
 
 
 KERNELS = {

@@ -12,6 +12,8 @@ so only it needs the machine to itself (the bench lock).
 Sections (one run, one JSON + markdown table + PNG in bench/results/):
 1. quality  - `tiny` and `small` trained for the same steps and batches in fp32,
               fp16 + loss scaler and bf16: final validation loss and its ratio to fp32;
+              a control run (fp32 from the init rounded to fp16) shows how far one
+              run's final loss moves by chance;
 2. failures - fp16 without loss scaling (share of gradient entries that flush to
               zero, log2|g| histogram against fp16's range), fp16 without master
               weights (weights rounded to fp16 after every update: small updates
@@ -20,7 +22,8 @@ Sections (one run, one JSON + markdown table + PNG in bench/results/):
               measured from the arrays, beside the formula;
 4. speed    - batch-1 greedy decode with the KV cache on a memory-bound random model
               (L=8, C=1024, V=4096: 105 M parameters), fp32 vs fp16 vs bf16 weights
-              (numba: the half twin streams 2-byte weights), GB/s against this
+              (numba: the half twin streams 2-byte weights; the precisions take
+              turns, repeat by repeat), GB/s against this
               machine's streaming bandwidth; and the training step time per precision
               (emulated on the CPU: half compute costs conversions here).
 `--backend cupy` runs the same on a GPU (CuPy has fp16 matmuls); clocks are read
@@ -45,6 +48,7 @@ from minillm.train import TrainConfig, TrainHook  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 PRECISIONS = ("fp32", "fp16", "bf16")
+CONTROL = "fp32_init_fp16"      # fp32 trained from the init rounded to fp16: the noise of one run
 
 
 # --- 1. quality --------------------------------------------------------------------------
@@ -65,20 +69,27 @@ def tour_baseline():
 
 
 def quality(preset: str, steps: int, backend_name: str, chars: int) -> dict:
+    """Train ``preset`` in each precision from the same init on the same batches; and a control:
+    fp32 again from the init rounded to fp16 (a change at fp16's rounding level, nothing else),
+    whose distance to fp32 is how much one run's final loss moves by chance."""
     cfg = mm.GPTConfig.preset(preset)
     tr, va = corpus_ids(cfg.vocab_size, chars)
     out = {}
-    for prec in PRECISIONS:
+    for run in PRECISIONS + (CONTROL,):
         tcfg = TrainConfig(steps=steps, batch_size=8, seq_len=min(cfg.block_size, 128), lr=3e-3,
                            warmup_steps=max(1, steps // 20), eval_interval=max(1, steps // 5),
-                           eval_batches=4, precision=prec, seed=0)
+                           eval_batches=4, precision="fp32" if run == CONTROL else run, seed=0)
+        model = mm.GPT(cfg, seed=0)
+        if run == CONTROL:
+            for p in model.params.values():
+                p[...] = p.astype(np.float16).astype(p.dtype)
         with backend.use(backend_name):
-            res = mm.train(mm.GPT(cfg, seed=0), tr, va, tcfg, progress=False)
-        out[prec] = {"val_loss": res.val_loss, "curve": [(e["step"], e["val_loss"]) for e in res.evals],
-                     "train_loss": res.losses,
-                     "skipped": sum(bool(h.get("skipped", False)) for h in res.history),
-                     "loss_scale": [h.get("loss_scale", 1.0) for h in res.history]}
-        print(f"  quality {preset} {prec}: val loss {res.val_loss:.4f}", flush=True)
+            res = mm.train(model, tr, va, tcfg, progress=False)
+        out[run] = {"val_loss": res.val_loss, "curve": [(e["step"], e["val_loss"]) for e in res.evals],
+                    "train_loss": res.losses,
+                    "skipped": sum(bool(h.get("skipped", False)) for h in res.history),
+                    "loss_scale": [h.get("loss_scale", 1.0) for h in res.history]}
+        print(f"  quality {preset} {run}: val loss {res.val_loss:.4f}", flush=True)
     return out
 
 
@@ -169,18 +180,27 @@ def _nbytes(obj, seen=None) -> int:
 
 # --- 4. speed --------------------------------------------------------------------------------------
 def decode_speed(cfg, backend_name: str, n_new: int, repeats: int) -> dict:
+    """Greedy decode of ``n_new`` tokens after a 16-token prompt, per weight precision.
+    The repeats take turns (fp32, fp16, bf16, fp32, ...), so a change in the machine's
+    memory bandwidth during the run (other tenants) reaches every precision alike."""
     model = mm.GPT(cfg, seed=0).to(backend_name if backend_name == "cupy" else "numpy")
     prompt = np.arange(16)[None] % cfg.vocab_size
+    models = {p: model if p == "fp32" else model.astype(precision.PRECISIONS[p]) for p in PRECISIONS}
+    times = {p: [] for p in PRECISIONS}
+    with backend.use(backend_name):
+        for r in range(repeats + 1):                   # round 0 is the warm-up (compiles, caches)
+            for prec, m in models.items():
+                t = timing.median_time(lambda: m.generate(prompt, n_new, temperature=0), repeats=1,
+                                       warmup=0)["median_s"]
+                if r > 0:
+                    times[prec].append(t)
     out = {}
-    for prec in PRECISIONS:
-        m = model if prec == "fp32" else model.astype(precision.PRECISIONS[prec])
-        with backend.use(backend_name):
-            t = timing.median_time(lambda: m.generate(prompt, n_new, temperature=0), repeats=repeats,
-                                   warmup=1)["median_s"]
+    for prec, m in models.items():
+        t = float(np.median(times[prec]))
         nbytes = m.nbytes() - m.params["wpe.weight"].nbytes
-        out[prec] = {"tok_s": n_new / t, "weight_bytes": m.nbytes(), "gb_s": nbytes * n_new / t / 1e9}
+        out[prec] = {"tok_s": n_new / t, "weight_bytes": m.nbytes(), "gb_s": nbytes * n_new / t / 1e9,
+                     "times_s": times[prec]}
         print(f"  decode {prec}: {n_new / t:.1f} tok/s", flush=True)
-        del m
     return out
 
 
@@ -221,7 +241,7 @@ def speed(args) -> dict:
     return {"machine": timing.machine_line(), "threads": timing.thread_settings(),
             "stream_gbs": timing.stream_read_gbs(), "f16_widening": "F16C" if numba_precision.HAS_F16C else "bit ops",
             "decode_shape": f"L={c.n_layer} C={c.n_embd} V={c.vocab_size}, {mm.GPT(c).num_params() / 1e6:.0f} M params",
-            "decode": decode_speed(c, args.backend, 16 if q else 32, 2 if q else 5),
+            "decode": decode_speed(c, args.backend, 16 if q else 32, 2 if q else 7),
             "tour_ppl": None if q else tour_perplexity(args.backend, q),
             "train_preset": "tiny" if q else "small",
             "train_speed": train_speed("tiny" if q else "small", args.backend, 2 if q else 4)}
@@ -235,6 +255,7 @@ def table(res: dict) -> str:
         base = q["fp32"]["val_loss"]
         lines.append(f"| val loss, {preset}, {res['quality']['steps'][preset]} steps | "
                      + " | ".join(f"{q[p]['val_loss']:.4f} ({q[p]['val_loss'] / base:.4f}x)" for p in PRECISIONS) + " |")
+    controls = [(preset, q) for preset, q in res.get("quality", {}).get("presets", {}).items() if CONTROL in q]
     if "memory" in res:
         m = res["memory"]
         for key in ("weights", "grads", "optimizer", "activations"):
@@ -256,6 +277,11 @@ def table(res: dict) -> str:
                      + " | ".join(f"{t[p]['step_ms']:.0f} ({t[p]['step_ms'] / t['fp32']['step_ms']:.2f}x)" for p in PRECISIONS) + " |")
         lines += ["", f"Speed rows: {sp['machine']}; {sp['threads']}; backend {res['backend']}; fp16 widening: "
                   f"{sp['f16_widening']}; streaming read bandwidth in the same run: {sp['stream_gbs']:.1f} GB/s."]
+    if controls:
+        lines += ["", "Control (how far one run moves by chance): fp32 again, from the initial weights rounded "
+                  "to fp16, otherwise the fp32 run: " + ", ".join(
+                      f"{preset} {q[CONTROL]['val_loss']:.4f} ({q[CONTROL]['val_loss'] / q['fp32']['val_loss']:.4f}x)"
+                      for preset, q in controls) + "."]
     if "failures" in res:
         f = res["failures"]
         lines += ["", f"fp16 without loss scaling (tiny, at init): {100 * f['flush_share_unscaled']:.1f}% of nonzero gradient "
@@ -276,9 +302,10 @@ def plot(res: dict, path: Path) -> None:
     FigureCanvasAgg(fig)
     ax1, ax2, ax3 = fig.subplots(1, 3)
     for preset, q in res["quality"]["presets"].items():
-        for p in PRECISIONS:
-            s, v = zip(*q[p]["curve"])
-            ax1.plot(s, v, "o-" if p == "fp32" else "--", label=f"{preset} {p}", ms=3)
+        for p in PRECISIONS + (CONTROL,):
+            if p in q:
+                s, v = zip(*q[p]["curve"])
+                ax1.plot(s, v, "o-" if p == "fp32" else ":" if p == CONTROL else "--", label=f"{preset} {p}", ms=3)
     ax1.set(xlabel="step", ylabel="val loss", title="quality")
     ax1.legend(fontsize=7)
     f = res["failures"]

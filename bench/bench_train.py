@@ -31,7 +31,15 @@ of ``tiny``; decode = the first ``generate`` (KV cache, 32 tokens) of ``tiny``
 after that step. Numba's compile seconds per area come from its
 "numba:compile" events (``backends.numba_backend.COMPILE_SECONDS``).
 
+Thread split (``--split``): instead of the comparison, the numba backend alone
+with every pair (OpenBLAS threads, Numba threads) from ``--threads``, same
+interleaving: OpenBLAS runs the linear layers' products, Numba's setting sizes
+the attention twin's head split when ``backends.numba_attention.SPLIT_HEADS``
+is on (and the layer twins' loops when ``numba_layers.PARALLEL`` is). Written
+to ``bench/results/bench_train_split.{json,md}`` unless ``--out`` says otherwise.
+
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 python bench/bench_train.py
+    python bench/bench_train.py --split --presets small --no-cold
 
 Prints the tables and writes ``bench/results/bench_train.{json,md,png}``.
 """
@@ -123,9 +131,10 @@ def minillm_case(backend_name: str, preset: str, batch_size: int, warmup: int, r
     out["version"] = f"numpy {np.__version__}"
     if backend_name == "numba":
         import numba
-        from backends import numba_layers
-        threads = f"{numba.get_num_threads()} threads" if numba_layers.PARALLEL else "serial twins"
-        out["version"] += f", numba {numba.__version__} ({threads})"
+        from backends import numba_attention, numba_layers
+        layers = f"{numba.get_num_threads()} threads" if numba_layers.PARALLEL else "serial"
+        out["version"] += (f", numba {numba.__version__} (attention on {numba_attention.threads()} "
+                           f"threads, other twins {layers})")
     return out
 
 
@@ -235,11 +244,15 @@ def run_worker(args: list, env: dict) -> tuple[dict, str]:
         return json.loads(out.read_text()), proc.stderr
 
 
-def run_case(backend_name, preset, batch_size, warmup, repeats, threads) -> dict:
-    """One case in a fresh interpreter with every thread pool sized ``threads``."""
+def run_case(backend_name, preset, batch_size, warmup, repeats, threads, numba_threads=None) -> dict:
+    """One case in a fresh interpreter with every thread pool sized ``threads`` (Numba's
+    ``numba_threads`` when given: the thread-split measurement)."""
+    env = {var: str(threads) for var in THREAD_ENV}
+    if numba_threads is not None:
+        env["NUMBA_NUM_THREADS"] = str(numba_threads)
     res, _ = run_worker(["--worker", backend_name, "--presets", preset, "--batch-size", str(batch_size),
                          "--warmup", str(warmup), "--repeats", str(repeats), "--threads", str(threads)],
-                        {var: str(threads) for var in THREAD_ENV})
+                        env)
     return res
 
 
@@ -267,6 +280,35 @@ def interleaved(backends, preset, batch_size, warmup, repeats, threads, rounds) 
                   "peak_mb": max(peaks) if peaks else None, "peak_method": results[0]["peak_method"],
                   "version": results[0]["version"], "threads": results[0]["threads"]}
     return out
+
+
+def thread_split(preset, batch_size, warmup, repeats, threads, rounds) -> list[dict]:
+    """numba backend, every (OpenBLAS, Numba) thread pair, interleaved ``rounds`` times."""
+    pairs = [(b, n) for b in threads for n in threads]
+    runs: dict = {pair: [] for pair in pairs}
+    for r in range(rounds):
+        for pair in (pairs if r % 2 == 0 else pairs[::-1]):
+            runs[pair].append(run_case("numba", preset, batch_size, warmup, repeats, *pair))
+    rows = []
+    for (blas, nb), results in runs.items():
+        times = [t for res in results for t in res["times_s"]]
+        rows.append({"preset": preset, "B": batch_size, "blas_threads": blas, "numba_threads": nb,
+                     "median_ms": float(np.median(times)) * 1e3, "times_ms": [t * 1e3 for t in times],
+                     "threads": results[0]["threads"]})
+        print(f"  split {preset} openblas {blas} numba {nb}: {rows[-1]['median_ms']:.1f} ms", file=sys.stderr)
+    base = rows[0]["median_ms"]
+    for row in rows:
+        row["vs_first"] = row["median_ms"] / base
+    return rows
+
+
+def split_table(rows: list[dict], cpu: str) -> str:
+    lines = [f"| preset | B | OpenBLAS threads | Numba threads | median step ms ({cpu}) | vs first row |",
+             "|" + "---|" * 6]
+    for r in rows:
+        lines.append(f"| {r['preset']} | {r['B']} | {r['blas_threads']} | {r['numba_threads']} "
+                     f"| {r['median_ms']:.1f} | {r['vs_first']:.2f}x |")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict], cpu: str) -> str:
@@ -326,7 +368,10 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                     help="thread settings: every pool (BLAS, OpenMP, Numba, torch) gets this many")
     ap.add_argument("--no-cold", dest="cold", action="store_false", help="skip the cold-start part")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--split", action="store_true",
+                    help="numba only: every (OpenBLAS, Numba) thread pair from --threads")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"results file (default {RESULTS.name}, or bench_train_split.json with --split)")
     ap.add_argument("--worker", choices=BACKENDS, help=argparse.SUPPRESS)
     ap.add_argument("--area", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -337,6 +382,10 @@ def main(argv=None) -> None:
         raise ValueError("--batch-size, --wide-batch-size, --warmup, --rounds and --threads must be >= 1")
     if args.worker or args.area:
         return worker(args)
+    if args.out is None:
+        args.out = RESULTS.with_name("bench_train_split.json") if args.split else RESULTS
+    if args.split:
+        return split_main(args)
 
     cpu = timing.cpu_name()
     load_start = os.getloadavg()
@@ -377,6 +426,26 @@ def main(argv=None) -> None:
     if rows:
         plot(rows, args.out.with_suffix(".png"))
     print(f"wrote {args.out.with_suffix('.{json,md,png}')}", file=sys.stderr)
+
+
+def split_main(args) -> None:
+    cpu = timing.cpu_name()
+    load_start = os.getloadavg()
+    rows = []
+    for preset in args.presets:
+        B = args.wide_batch_size if preset == "wide" else args.batch_size
+        rows += thread_split(preset, B, args.warmup, args.repeats, args.threads, args.rounds)
+    load_end = os.getloadavg()
+    text = (split_table(rows, cpu) + f"\n\nload average {load_start[0]:.2f} at the start, {load_end[0]:.2f} "
+            f"at the end (1-minute; {os.cpu_count()} CPUs, shared machine)")
+    print(text)
+    meta = {"bench": "train_step_thread_split", "argv": sys.argv[1:], "cpu": cpu, "cpus": os.cpu_count(),
+            "load_avg_start": load_start, "load_avg_end": load_end, "rounds": args.rounds,
+            "repeats": args.repeats, "warmup": args.warmup}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    files.atomic_write_text(args.out, json.dumps({"meta": meta, "rows": rows}, indent=2))
+    files.atomic_write_text(args.out.with_suffix(".md"), text + "\n")
+    print(f"wrote {args.out.with_suffix('.{json,md}')}", file=sys.stderr)
 
 
 if __name__ == "__main__":

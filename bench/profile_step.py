@@ -60,6 +60,32 @@ def main(argv=None):
     prof.disable()
     stats = pstats.Stats(prof)
     stats.sort_stats("tottime").print_stats(args.top)
+    print(group_table(stats, args.steps))
+
+
+# Own time (tottime) of each profiled function goes to the first group whose
+# words appear in its file:function name; the rest is "other".
+GROUPS = (("linear (BLAS)", ("linear", "matmul")),
+          ("attention", ("attention", "flash", "sdpa", "_fwd_", "_bwd_", "_row_dot", "qkv")),
+          ("GELU", ("gelu",)),
+          ("LayerNorm", ("layernorm", "_ln_")),
+          ("cross-entropy", ("cross_entropy", "_ce_", "_row_shift")),
+          ("embedding", ("embedding", "'at' of")),
+          ("optimizer", ("optim",)))
+
+
+def group_table(stats, steps: int) -> str:
+    """ms per step of each kernel group (own time), largest first, with its share."""
+    totals: dict = {}
+    for (path, _, func), (_, _, tottime, _, _) in stats.stats.items():
+        name = f"{path}:{func}".lower()
+        group = next((g for g, words in GROUPS if any(w in name for w in words)), "other")
+        totals[group] = totals.get(group, 0.0) + tottime
+    all_s = sum(totals.values())
+    lines = ["| group | ms per step | share |", "|---|---|---|"]
+    for g, t in sorted(totals.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {g} | {t / steps * 1e3:.1f} | {t / all_s:.0%} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

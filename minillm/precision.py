@@ -28,8 +28,9 @@ Cost formula (bytes, P parameters): fp32 training holds 4P weights + 4P
 gradients + 8P moments; mixed precision adds the 2P half copy and its 2P
 gradients, and halves the activations. Inference with ``model.astype("float16")``
 holds 2P: a batch-1 decode step streams half the bytes, if the matmul reads the
-2-byte codes itself (the ``numba`` backend's twin, ``backends/numba_precision.py``,
-widens each code in a register; NumPy's reference widens the whole matrix first).
+2-byte codes itself (the ``numba`` backend's twins, ``backends/numba_precision.py``,
+widen each code in a register and run the attention over the half KV cache in one
+loop; NumPy's reference widens the whole matrix first).
 
 ``train(..., tcfg)`` with ``TrainConfig(precision="fp16" | "bf16")`` adds the
 ``MixedPrecision`` hook (``minillm.train``'s step seams): its loss runs the

@@ -257,3 +257,22 @@ def test_model_step_on_every_cpu_backend_equals_numpy(backend_name, dtype):
         assert grads_b[k].dtype == grads[k].dtype
         assert_close(k, grads_b[k], grads[k], rtol=0,
                      atol=(1e-4 if dtype == "float32" else 1e-10) * np.abs(grads[k]).max())
+
+
+@pytest.mark.parametrize("n_threads", [2, 3])
+@pytest.mark.parametrize("shape", [(3, 2, 70, 8), (1, 5, 70, 8), (1, 1, 9, 4)])   # split B, split H, one head
+def test_flash_twin_split_over_threads_equals_reference(n_threads, shape, monkeypatch):
+    """The numba flash twin's head slabs (one per thread) give the reference's outputs."""
+    if not backend.available().get("numba", (False, ""))[0]:
+        pytest.skip("numba not available")
+    from backends import numba_attention
+    monkeypatch.setattr(numba_attention, "threads", lambda: n_threads)
+    rng = np.random.default_rng(n_threads)
+    q, k, v = (_normal(rng, shape, "float32") for _ in range(3))
+    dy = _normal(rng, shape, "float32")
+    y, cache = numba_attention.flash_forward(q, k, v)
+    y_ref, cache_ref = backend.reference("attention.flash_forward")(q, k, v)
+    assert_same_output("flash_forward", (y, cache), (y_ref, cache_ref), "float32")
+    got = numba_attention.flash_backward(dy, cache)
+    assert_same_output("flash_backward", got, backend.reference("attention.flash_backward")(dy, cache_ref),
+                       "float32")
