@@ -18,3 +18,17 @@ def host_device_pair(config, device: str, seed: int = 0):
     for k, v in cpu.params.items():
         cpu.params[k] = (v + 0.1 * rng.standard_normal(v.shape)).astype(v.dtype)
     return cpu, GPT(config, params={k: v.copy() for k, v in cpu.params.items()}).to(device)
+
+
+def sparse_patterns(max_window: int):
+    """Hypothesis strategy: every sparse attention pattern (window up to ``max_window``,
+    strided with or without its own window, block with 0-6 global keys)."""
+    from hypothesis import strategies as st
+
+    from minillm.sparse_attention import Pattern
+    return st.one_of(
+        st.builds(lambda w: Pattern("window", w), st.integers(1, max_window)),
+        st.builds(lambda w, s: Pattern("strided", w, s), st.one_of(st.none(), st.integers(1, 20)),
+                  st.integers(1, 12)),
+        st.builds(lambda b, g: Pattern("block", block=b, n_global=g), st.integers(1, 20),
+                  st.integers(0, 6)))

@@ -23,7 +23,7 @@ from minillm import backend, gradcheck, kv_cache
 from minillm import sparse_attention as sa
 from minillm.cli import main
 from minillm.generation import generate_batch
-from tests.helpers import assert_close, host_device_pair
+from tests.helpers import assert_close, host_device_pair, sparse_patterns
 
 KINDS = {"window": dict(attention="window", window=3),
          "strided": dict(attention="strided", stride=3, window=2),
@@ -43,12 +43,7 @@ def allowed_by_definition(p: sa.Pattern, i: int, j: int) -> bool:
     return j // p.block in (i // p.block, i // p.block - 1) or j < p.n_global
 
 
-patterns = st.one_of(
-    st.builds(lambda w: sa.Pattern("window", w), st.integers(1, 40)),
-    st.builds(lambda w, s: sa.Pattern("strided", w, s), st.one_of(st.none(), st.integers(1, 20)),
-              st.integers(1, 12)),
-    st.builds(lambda b, g: sa.Pattern("block", block=b, n_global=g), st.integers(1, 20),
-              st.integers(0, 6)))
+patterns = sparse_patterns(40)
 
 
 def qkv(rng, B, H, T, D, dtype="float64"):

@@ -16,18 +16,13 @@ from hypothesis import given, settings, strategies as st
 
 from minillm import backend, gradcheck
 from minillm import sparse_attention as sa
-from tests.helpers import assert_close
+from tests.helpers import assert_close, sparse_patterns
 
 pytestmark = pytest.mark.skipif(not backend.available()["numba"][0], reason="numba not available")
 FORWARD = "sparse_attention.pattern_attention_forward"
 BACKWARD = "sparse_attention.pattern_attention_backward"
 
-patterns = st.one_of(
-    st.builds(lambda w: sa.Pattern("window", w), st.integers(1, 70)),
-    st.builds(lambda w, s: sa.Pattern("strided", w, s), st.one_of(st.none(), st.integers(1, 20)),
-              st.integers(1, 12)),
-    st.builds(lambda b, g: sa.Pattern("block", block=b, n_global=g), st.integers(1, 20),
-              st.integers(0, 6)))
+patterns = sparse_patterns(70)
 
 
 def arrays(seed, B, H, T, D, dtype):
