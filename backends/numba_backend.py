@@ -57,7 +57,8 @@ if numba is not None:
 # code in milliseconds. Numba fires a "numba:compile" event only on a real
 # compilation (a cache miss), so listening to it tells the user, before the
 # wait, that the pause is the compiler and happens once.
-_AREA = {"numba_bpe": "tokenizer"}        # module -> the area's name in messages (else the suffix)
+# module -> the area's name in messages (else the suffix); None: compiled inside its caller's area
+_AREA = {"numba_bpe": "tokenizer", "numba_math": None}
 COMPILE_SECONDS: dict = {}                # area -> seconds spent compiling in this process
 
 

@@ -15,9 +15,10 @@ Where the time goes and how the twins win (``bench/profile_step.py``):
   blocks wholly above the diagonal (64-row query/key blocks: ~40% fewer flops
   at T=256); the scale, mask and softmax (and their backward) run fused over
   the lower triangle only.
-- ``exp`` and ``tanh`` stay NumPy's own vectorised ufuncs, applied in place on
-  the buffer the fused passes prepared: Numba without SVML calls scalar libm,
-  which is slower than NumPy's SIMD loops and rounds differently.
+- ``exp`` (softmax, cross-entropy) and GELU's tanh, written as a sigmoid, are
+  ``numba_math``'s plain-arithmetic versions inside the fused passes: Numba
+  without SVML would call scalar libm, and NumPy's float32 ``exp`` / ``tanh``
+  ran scalar on AVX2 CPUs too (AMD EPYC: GELU 8 -> 3 ms per ``small`` layer).
 
 Arithmetic runs in the input dtype (constants are passed in that dtype), so a
 float32 twin rounds like the float32 reference and float64 stays float64; sums
@@ -32,6 +33,8 @@ from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange
+
+from backends.numba_math import vexp, vsigmoid
 
 # Serial by default: OpenBLAS keeps its threads spinning for a while after each
 # product, and a Numba pool (OpenMP layer here) started right after competes
@@ -118,50 +121,34 @@ def linear_backward(dy, cache):
     return dx.reshape(x.shape), dw, db
 
 
-# --- GELU: u = s (x + a x^3) fused, tanh by NumPy in place, then the rest fused ----
+# --- GELU: one fused pass each way, tanh written as a sigmoid ----------------------
+# 0.5 (1 + tanh(u)) = sigmoid(2u), so gelu(x) = x sigmoid(2u) with u = s (x + a x^3),
+# and since 1 - tanh(u)^2 = 4 sigmoid(2u) (1 - sigmoid(2u)):
+#     gelu'(x) = g + 2 x g (1 - g) s (1 + 3 a x^2),   g = sigmoid(2u).
+# The same function as the reference's tanh form, within float32 rounding, and
+# without its 1 + tanh(u) cancellation for large negative x. ``vsigmoid`` is plain
+# arithmetic (``numba_math``), so each pass is one vectorised loop: NumPy's
+# float32 tanh ran scalar on AVX2 CPUs (AMD EPYC: 11.8 ms per 2 Mi elements;
+# the old three-pass twin with it took ~8 ms per ``small`` layer each way).
+#
+# Not done: fusing c_fc's bias add into these passes (and its bias gradient into
+# the backward). Measured with a Numba prototype it saved under 1% of a ``small``
+# step, and it would need the linear seam to hand back the product without its bias.
 @_jit
-def _gelu_arg(x, u, s, a):
+def _gelu_fwd(x, y, s2, a):
+    """y = x sigmoid(2 s (x + a x^3)); ``s2`` = 2 s."""
     for i in prange(x.shape[0]):
         xi = x[i]
-        u[i] = s * (xi + a * xi * xi * xi)
-
-
-# The passes below write over ``t`` in place and take it as a separate argument
-# from the other arrays: given an output array that aliases an input (t and y the
-# same buffer), LLVM's runtime overlap check fails and the loop runs scalar
-# (measured: the backward pass 3.5 ms -> 1.4 ms on 2 Mi float32 elements).
-@_jit
-def _gelu_out(x, t, half, one):
-    """t <- 0.5 x (1 + t), in place."""
-    for i in prange(x.shape[0]):
-        t[i] = half * x[i] * (one + t[i])
+        y[i] = xi * vsigmoid(s2 * (xi + a * xi * xi * xi))
 
 
 @_jit
-def _gelu_grad(dy, x, t, half, one, s, three_a):
-    """t <- dy * gelu'(x) given t = tanh(s (x + a x^3)), in place."""
+def _gelu_bwd(dy, x, dx, s2, a, three_a, one):
+    """dx = dy gelu'(x); ``s2`` = 2 s, so 2 x g (1 - g) s = x g (1 - g) s2."""
     for i in prange(x.shape[0]):
-        xi, ti = x[i], t[i]
-        t[i] = dy[i] * (half * (one + ti)
-                        + half * xi * (one - ti * ti) * s * (one + three_a * xi * xi))
-
-
-# The three passes (argument, tanh, output) run chunk by chunk: a chunk of 64 Ki
-# elements (256 KiB in float32) is still in the core's L2 cache when the next
-# pass reads it, where whole (B, T, 4C) arrays (8 MiB for ``small``) would make
-# each pass stream through main memory (issue 15: GELU was ~8% of a step).
-# Measured on ``small``'s (8, 256, 1024), forward / backward ms: 16 Ki chunks
-# 2.42 / 3.61, 64 Ki 2.07 / 3.02, 128 Ki 2.18 / 2.84 (fewer calls, same cache).
-#
-# Not done: fusing c_fc's bias add into the GELU passes (and its bias gradient
-# into the backward). Measured with a Numba prototype on the same shape it saved
-# 0.0 ms forward and 1.2 ms backward per layer (< 1% of a ``small`` step), and it
-# would need the linear seam to hand back the product without its bias.
-_GELU_CHUNK = 65536
-
-
-def _chunks(n):
-    return [(a, min(a + _GELU_CHUNK, n)) for a in range(0, n, _GELU_CHUNK)]
+        xi = x[i]
+        g = vsigmoid(s2 * (xi + a * xi * xi * xi))
+        dx[i] = dy[i] * (g + xi * g * (one - g) * s2 * (one + three_a * xi * xi))
 
 
 def gelu_forward(x):
@@ -169,25 +156,16 @@ def gelu_forward(x):
     x1 = _flat(x)                                                   # (N,)
     c = x1.dtype.type
     y = np.empty_like(x1)
-    for a, b in _chunks(x1.shape[0]):
-        xs, ys = x1[a:b], y[a:b]
-        _gelu_arg(xs, ys, c(_GELU_S), c(_GELU_A))                   # u
-        np.tanh(ys, out=ys)                                         # t = tanh(u)
-        _gelu_out(xs, ys, c(0.5), c(1.0))                           # y overwrites t
+    _gelu_fwd(x1, y, c(2.0 * _GELU_S), c(_GELU_A))
     return y.reshape(x.shape), x
 
 
 def gelu_backward(dy, x):
     """Accelerated minillm.layers.gelu_backward — see it for the math."""
     x1 = _flat(x)                                                   # (N,)
-    g1 = _flat(dy, x1.dtype)
     c = x1.dtype.type
     dx = np.empty_like(x1)
-    for a, b in _chunks(x1.shape[0]):
-        xs, ts = x1[a:b], dx[a:b]
-        _gelu_arg(xs, ts, c(_GELU_S), c(_GELU_A))
-        np.tanh(ts, out=ts)                                         # t, recomputed
-        _gelu_grad(g1[a:b], xs, ts, c(0.5), c(1.0), c(_GELU_S), c(3.0 * _GELU_A))  # dx overwrites t
+    _gelu_bwd(_flat(dy, x1.dtype), x1, dx, c(2.0 * _GELU_S), c(_GELU_A), c(3.0 * _GELU_A), c(1.0))
     return dx.reshape(x.shape)
 
 
@@ -256,19 +234,22 @@ def layernorm_backward(dy, cache):
     return dx.reshape(xhat.shape), dw_part.sum(axis=0), db_part.sum(axis=0)
 
 
-# --- softmax over the last axis: shift by the row max, NumPy exp, normalise ------
+# --- softmax over the last axis: shift by the row max, then exp and normalise fused -
 def _row_shift(x2, out):
     """out = x - max(x) per row (NumPy's vectorised max; NaN propagates as in the reference)."""
     np.subtract(x2, x2.max(axis=-1, keepdims=True), out=out)
 
 
 @_jit_sum
-def _row_normalize(e):
+def _row_exp_normalize(e):
+    """e (N, C) shifted scores, in place -> exp(e) / rowsum(exp(e))."""
     N, C = e.shape
     for i in prange(N):
         s = 0.0
         for c in range(C):
-            s += e[i, c]
+            p = vexp(e[i, c])
+            e[i, c] = p
+            s += p
         for c in range(C):
             e[i, c] = e[i, c] / s
 
@@ -289,8 +270,7 @@ def softmax_forward(x):
     x2 = _rows(x)                                                   # (N, C)
     e = np.empty_like(x2)
     _row_shift(x2, e)
-    np.exp(e, out=e)
-    _row_normalize(e)
+    _row_exp_normalize(e)
     y = e.reshape(x.shape)
     return y, y
 
@@ -303,14 +283,17 @@ def softmax_backward(dy, y):
     return dx.reshape(y.shape)
 
 
-# --- cross-entropy: shift, NumPy exp in place, then sums/loss/normalise fused ------
+# --- cross-entropy: shift, then exp, sums, loss and normalise fused -----------------
 @_jit_sum
 def _ce_normalize(e, picked, row_loss):
+    """e (N, V) shifted logits, in place -> probabilities; row_loss = log-sum-exp - picked."""
     N, V = e.shape
     for i in prange(N):
         s = 0.0
         for c in range(V):
-            s += e[i, c]
+            p = vexp(e[i, c])
+            e[i, c] = p
+            s += p
         row_loss[i] = math.log(s) - picked[i]
         for c in range(V):
             e[i, c] = e[i, c] / s
@@ -332,7 +315,6 @@ def cross_entropy_forward(logits, targets):
     probs = np.empty_like(z)
     _row_shift(z, probs)                                            # z - max
     picked = probs[np.arange(z.shape[0]), t].astype(np.float64)     # (N,)
-    np.exp(probs, out=probs)
     row_loss = np.empty(z.shape[0])                                 # (N,) float64
     _ce_normalize(probs, picked, row_loss)
     return z.dtype.type(row_loss.mean()), CrossEntropyCache(probs, t)

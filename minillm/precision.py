@@ -171,12 +171,13 @@ def fp16_flush_share(grads: dict) -> float:
 
 
 def log2_histogram(grads: dict, bins=None):
-    """(counts, edges) of log2|g| over every nonzero gradient entry (the paper's fig. 3)."""
+    """(counts, edges) of log2|g| over every nonzero gradient entry (the paper's fig. 3);
+    entries beyond the edges count in the end bins, so every nonzero entry is counted."""
     values = np.concatenate([np.abs(np.asarray(g, dtype=np.float64)).reshape(-1)
                              for g in grads.values()])
     values = values[values > 0]
-    bins = np.arange(-60, 11) if bins is None else bins
-    return np.histogram(np.log2(values), bins=bins)
+    bins = np.arange(-60, 11) if bins is None else np.asarray(bins)
+    return np.histogram(np.clip(np.log2(values), bins[0], bins[-1]), bins=bins)
 
 
 FP16_MIN_SUBNORMAL = math.ldexp(1.0, -24)    # below half of this, a value rounds to 0 in fp16
