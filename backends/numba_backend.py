@@ -35,6 +35,7 @@ _PARTS = (
     "backends.numba_pruning",
     "backends.numba_precision",
     "backends.numba_attention_variants",
+    "backends.numba_optim",
 )
 
 try:

@@ -68,6 +68,7 @@ def embedding_forward(idx, wte, wpe, pos0=0):
     return x, EmbeddingCache(idx, positions, wte.shape[0], wpe.shape[0])
 
 
+@kernel("layers.embedding_backward")
 def embedding_backward(dx, cache: EmbeddingCache):
     """-> (dwte (V, C), dwpe (T_max, C)); rows never looked up get zero."""
     xp = xp_of(dx)

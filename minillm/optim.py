@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from .backend import to_numpy, xp_of
+from .backend import kernel, to_numpy, xp_of
 from .checks import check_float, check_int
 
 # Parameters that are looked up, not multiplied: never decayed.
@@ -61,15 +61,9 @@ class AdamW:
         self.t += 1
         bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t        # bias corrections
         for name, p in params.items():
-            g, m, v = grads[name], self.m[name], self.v[name]
-            xp = xp_of(p)
-            m *= b1
-            m += (1 - b1) * g
-            v *= b2
-            v += (1 - b2) * (g * g)
-            if self.weight_decay and decays(name, p):
-                p *= 1 - lr * self.weight_decay               # decoupled: before the Adam step
-            p -= lr * (m / bc1) / (xp.sqrt(v / bc2) + self.eps)
+            wd = self.weight_decay if decays(name, p) else 0.0
+            adamw_update(p, grads[name], self.m[name], self.v[name],
+                         lr, b1, b2, bc1, bc2, self.eps, wd)
 
     # --- state for checkpoints ----------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -98,6 +92,24 @@ class AdamW:
         for key, ref in expected.items():
             ref[...] = xp_of(ref).asarray(state[key])        # into the existing arrays
         self.t = int(step[0])
+
+
+@kernel("optim.adamw_update")
+def adamw_update(p, g, m, v, lr, b1, b2, bc1, bc2, eps, wd) -> None:
+    """One AdamW update of one parameter, in place (the equations at the top).
+
+    p, g, m, v: the parameter, its gradient and its two moments, one shape and
+    dtype; bc1 = 1 - b1^t and bc2 = 1 - b2^t, the bias corrections; wd: the
+    weight decay of this parameter (0: not decayed). Writes p, m and v.
+    """
+    xp = xp_of(p)
+    m *= b1
+    m += (1 - b1) * g
+    v *= b2
+    v += (1 - b2) * (g * g)
+    if wd:
+        p *= 1 - lr * wd                                      # decoupled: before the Adam step
+    p -= lr * (m / bc1) / (xp.sqrt(v / bc2) + eps)
 
 
 def _check_hparams(lr, betas, eps, weight_decay) -> None:

@@ -14,7 +14,7 @@ import copy
 import numpy as np
 import pytest
 
-from minillm import GPT, GPTConfig, backend
+from minillm import GPT, GPTConfig, backend, layers
 from tests.helpers import assert_close
 
 OWN_PREFIXES = ("layers.", "attention.")
@@ -122,11 +122,23 @@ def _linear_bwd(rng, dtype):
     return _normal(rng, y.shape, dtype), cache
 
 
-# Kernels that write into an argument by design (a cache); their owners test them.
-IN_PLACE = {"attention.append_attend": "tests/test_kv_cache.py"}
+def _emb_bwd(rng, dtype):
+    """Few token ids (so they repeat), positions shared (training) or one row each (decoding)."""
+    V, T_max, C = int(rng.integers(1, 12)), int(rng.integers(8, 20)), int(rng.integers(1, 40))
+    B, T = int(rng.integers(1, 5)), int(rng.integers(1, 8))
+    pos0 = 0 if rng.random() < 0.5 else rng.integers(0, T_max - T + 1, B)
+    x, cache = layers.embedding_forward(rng.integers(0, V, (B, T)), _normal(rng, (V, C), dtype),
+                                        _normal(rng, (T_max, C), dtype), pos0)
+    return _normal(rng, x.shape, dtype), cache
+
+
+# Kernels that write into an argument by design (a cache, a parameter); their owners test them.
+IN_PLACE = {"attention.append_attend": "tests/test_kv_cache.py",
+            "optim.adamw_update": "tests/test_optim.py"}
 
 
 MAKERS = {
+    "layers.embedding_backward": _emb_bwd,
     "layers.layernorm_forward": _ln_fwd,
     "layers.layernorm_backward": _ln_bwd,
     "layers.gelu_forward": _elementwise,

@@ -68,9 +68,13 @@ def check_twin(x, w, b=None):
     assert y.dtype == ref.dtype == x.dtype and y.shape == ref.shape
     assert cache.x is x and cache.w is w and cache.has_bias == (b is not None)
     y32, ref32 = y.astype(np.float32), ref.astype(np.float32)
-    # float32 sums in another order may round the half result to a neighbour
+    # float32 sums in another order may round the half product x w to a neighbour (one
+    # spacing at |x w| <= |y| + |b|), and the rounding after the bias add to another
+    # (one spacing at |y|): however small y is, the bias term stays
     scale = np.abs(x.astype(np.float32)) @ np.abs(w.astype(np.float32)) + 1e-30
-    np.testing.assert_array_less(np.abs(y32 - ref32), ULP[x.dtype.name] * (np.abs(ref32) + 1e-3 * scale) + 1e-6)
+    bias = 0.0 if b is None else np.abs(b.astype(np.float32))
+    np.testing.assert_array_less(np.abs(y32 - ref32),
+                                 ULP[x.dtype.name] * (2 * np.abs(ref32) + bias + 1e-3 * scale) + 1e-6)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
