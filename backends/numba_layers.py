@@ -269,22 +269,30 @@ def layernorm_backward(dy, cache):
     return dx.reshape(xhat.shape), dw_part.sum(axis=0), db_part.sum(axis=0)
 
 
-# --- softmax over the last axis: shift by the row max, then exp and normalise fused -
-def _row_shift(x2, out):
-    """out = x - max(x) per row (NumPy's vectorised max; NaN propagates as in the reference)."""
-    np.subtract(x2, x2.max(axis=-1, keepdims=True), out=out)
+# --- softmax over the last axis: row max by NumPy, then exp and normalise fused ------
+_SUM_BLOCK = 256    # exp sums: blocks of 256 terms in the input dtype (one vectorised loop), added in float64
 
 
 @_jit_sum
-def _row_exp_normalize(e):
-    """e (N, C) shifted scores, in place -> exp(e) / rowsum(exp(e))."""
-    N, C = e.shape
+def _exp_sum(src, dst, shift, zero):
+    """dst = exp(src - shift) for one row -> the sum of dst, in float64 across blocks."""
+    total = 0.0
+    for c0 in range(0, src.shape[0], _SUM_BLOCK):
+        part = zero
+        for c in range(c0, min(c0 + _SUM_BLOCK, src.shape[0])):
+            p = vexp(src[c] - shift)
+            dst[c] = p
+            part += p
+        total += part
+    return total
+
+
+@_jit_sum
+def _softmax_rows(x, mx, e, zero):
+    """e = exp(x - mx) / rowsum per row (x, e: (N, C); mx: (N,) row maxima)."""
+    N, C = x.shape
     for i in prange(N):
-        s = 0.0
-        for c in range(C):
-            p = vexp(e[i, c])
-            e[i, c] = p
-            s += p
+        s = _exp_sum(x[i], e[i], mx[i], zero)
         for c in range(C):
             e[i, c] = e[i, c] / s
 
@@ -304,8 +312,8 @@ def softmax_forward(x):
     """Accelerated minillm.layers.softmax_forward — see it for the math."""
     x2 = _rows(x)                                                   # (N, C)
     e = np.empty_like(x2)
-    _row_shift(x2, e)
-    _row_exp_normalize(e)
+    mx = x2.max(axis=-1)                                            # (N,) NaN propagates as in the reference
+    _softmax_rows(x2, mx, e, x2.dtype.type(0))
     y = e.reshape(x.shape)
     return y, y
 
@@ -318,20 +326,17 @@ def softmax_backward(dy, y):
     return dx.reshape(y.shape)
 
 
-# --- cross-entropy: shift, then exp, sums, loss and normalise fused -----------------
+# --- cross-entropy: row max by NumPy, then exp, sums, loss and normalise fused -------
 @_jit_sum
-def _ce_normalize(e, picked, row_loss):
-    """e (N, V) shifted logits, in place -> probabilities; row_loss = log-sum-exp - picked."""
-    N, V = e.shape
+def _ce_rows(z, mx, t, probs, row_loss, zero):
+    """probs = softmax(z) per row, row_loss = log-sum-exp - (z[t] - mx), in one pass over z
+    (mx: (N,) row maxima, so exp never overflows)."""
+    N, V = z.shape
     for i in prange(N):
-        s = 0.0
+        s = _exp_sum(z[i], probs[i], mx[i], zero)
+        row_loss[i] = math.log(s) - (z[i, t[i]] - mx[i])
         for c in range(V):
-            p = vexp(e[i, c])
-            e[i, c] = p
-            s += p
-        row_loss[i] = math.log(s) - picked[i]
-        for c in range(V):
-            e[i, c] = e[i, c] / s
+            probs[i, c] = probs[i, c] / s
 
 
 @_jit
@@ -347,11 +352,11 @@ def cross_entropy_forward(logits, targets):
     """Accelerated minillm.layers.cross_entropy_forward — see it for the math."""
     z = _rows(logits)                                               # (N, V)
     t = np.ascontiguousarray(targets).reshape(-1)                   # (N,)
-    probs = np.empty_like(z)
-    _row_shift(z, probs)                                            # z - max
-    picked = probs[np.arange(z.shape[0]), t].astype(np.float64)     # (N,)
+    _check_rows(t, z.shape[1], "targets")
+    probs = np.empty_like(z)                                        # (N, V)
+    mx = z.max(axis=-1)                                             # (N,) NaN propagates as in the reference
     row_loss = np.empty(z.shape[0])                                 # (N,) float64
-    _ce_normalize(probs, picked, row_loss)
+    _ce_rows(z, mx, t, probs, row_loss, z.dtype.type(0))
     return z.dtype.type(row_loss.mean()), CrossEntropyCache(probs, t)
 
 

@@ -69,7 +69,7 @@ GROUPS = (("linear (BLAS)", ("linear", "matmul")),
           ("attention", ("attention", "flash", "sdpa", "_fwd_", "_bwd_", "_row_dot", "qkv")),
           ("GELU", ("gelu",)),
           ("LayerNorm", ("layernorm", "_ln_")),
-          ("cross-entropy", ("cross_entropy", "_ce_", "_row_shift")),
+          ("cross-entropy", ("cross_entropy", "_ce_")),
           ("embedding", ("embedding", "'at' of")),
           ("optimizer", ("optim",)))
 
