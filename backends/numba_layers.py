@@ -41,7 +41,10 @@ from backends.numba_math import vexp, vsigmoid
 # with them for the 2 cores; on the shared machine the parallel variant was
 # erratic (tiny: slower, small: inconclusive); measured again (issue 15, AMD EPYC,
 # ``small`` step, OpenBLAS and Numba on 2 threads, 3 interleaved rounds): 1877 ms
-# median with True vs 978 ms with False. The twins gain by fusing passes; the
+# median with True vs 978 ms with False; and with OpenMP's threads sleeping
+# (OMP_WAIT_POLICY=PASSIVE, numba_backend) and the one-pass GELU / cross-entropy,
+# per-round medians 1310-1734 ms with True vs 1160-1345 ms with False (3 rounds,
+# a busy host). The twins gain by fusing passes; the
 # cores go to BLAS. Flip to True to compare on a quiet machine (editing
 # this file invalidates Numba's on-disk cache, so no stale code runs).
 PARALLEL = False
@@ -49,6 +52,8 @@ _jit = njit(cache=True, parallel=PARALLEL, fastmath=False, error_model="numpy")
 # Row sums may be reordered (``reassoc`` only: no change to NaN/inf handling) so
 # they vectorise; they accumulate in float64 anyway.
 _jit_sum = njit(cache=True, parallel=PARALLEL, fastmath={"reassoc"}, error_model="numpy")
+# Loops with nothing to split (one row, a scatter with repeated targets): never parallel.
+_jit_serial = njit(cache=True, fastmath={"reassoc"}, error_model="numpy")
 _GELU_S = math.sqrt(2.0 / math.pi)
 _GELU_A = 0.044715
 _CHUNKS = 16   # row blocks for column sums when PARALLEL (fixed: results do not depend on threads)
@@ -172,7 +177,7 @@ def gelu_backward(dy, x):
 # --- embedding backward: scatter-add rows in one compiled loop --------------------
 # The reference's ``np.add.at`` is NumPy's slow path for repeated indices
 # (8-20 ms per ``small`` step for dwte); this is the same sums in the same order.
-@_jit
+@_jit_serial
 def _scatter_add_rows(out, rows, x):
     """out[rows[i]] += x[i] for i = 0, 1, ... in order (a row id may repeat)."""
     for i in range(rows.shape[0]):
@@ -273,7 +278,7 @@ def layernorm_backward(dy, cache):
 _SUM_BLOCK = 256    # exp sums: blocks of 256 terms in the input dtype (one vectorised loop), added in float64
 
 
-@_jit_sum
+@_jit_serial
 def _exp_sum(src, dst, shift, zero):
     """dst = exp(src - shift) for one row -> the sum of dst, in float64 across blocks."""
     total = 0.0
