@@ -43,9 +43,14 @@ def test_twins_equal_the_reference_forward_and_backward(p, T, H, D, B, dtype, se
     assert_close("y", y, y_ref, dtype)
     assert_close("lse", lse, lse_ref, dtype)
     grads = twin_b(dy, q, k, v, y, lse, p)
+    # dq and dk go through ds = p (dy.v - rowsum(dy * y)), two sums of size |dy| |v| that
+    # cancel (exactly, for a one-key window): the absolute error scales with them, not with
+    # the result, and summing in another order is allowed to leave ~1e-7 of them
+    cancel = float(np.abs(dy).max() * np.abs(v).max() * max(np.abs(q).max(), np.abs(k).max()))
+    atol = {"float32": 1e-6, "float64": 1e-12}[dtype] * max(cancel, 1.0)
     for name, g, r in zip(("dq", "dk", "dv"), grads, ref_b(dy, q, k, v, y_ref, lse_ref, p)):
         assert g.dtype == np.dtype(dtype)
-        assert_close(name, g, r, dtype)
+        assert_close(name, g, r, dtype, atol=atol if name != "dv" else None)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
