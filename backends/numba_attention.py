@@ -10,27 +10,31 @@ recomputes each tile of probabilities from the saved log-sum-exp instead of
 reading a stored (T, S) matrix: memory O(T) per head instead of O(T S).
 
 How the work is split on a CPU:
-- heads are independent, so each of the B * H heads runs whole (all its tiles)
-  on one thread of Numba's pool (``prange``): one compiled call per layer and
-  pass, no Python between tiles, and the attention uses every core the user
-  gave Numba (``NUMBA_NUM_THREADS``) instead of one. Results do not depend on
-  the thread count: a head is computed the same way on any thread;
 - the five tile products (q k^T, p v; and in the backward q k^T again, p^T dy,
-  dy v^T, ds k, ds^T q) are BLAS calls (``np.dot`` on 2-D tiles, which Numba
-  hands to SciPy's BLAS);
-- everything between two products is a fused loop over the tile's rows
-  (scale, causal mask, running max, exp, row sum, rescaling,
+  dy v^T, ds k, ds^T q) are BLAS calls through NumPy's batched ``matmul``,
+  one call per tile pair for all B * H heads at once (a Python loop over
+  tiles, not over heads: a handful of calls per tile pair);
+- everything between two products is one fused Numba pass per row of the
+  tile (scale, causal mask, running max, exp, row sum, rescaling,
   ds = p (dp - delta)); ``exp`` is ``numba_math.vexp``, plain arithmetic that
   LLVM vectorises (Numba without SVML would call scalar libm, and NumPy's
-  float32 ``exp`` runs scalar on AVX2 CPUs: 1.5-2.3 ns per element).
+  float32 ``exp`` runs scalar on AVX2 CPUs: 1.5-2.3 ns per element);
+- optionally (``SPLIT_HEADS``, off: see there for the measurement) the B * H
+  heads are split into one slab per thread, each run by a Python thread: a
+  tile's products are too small for BLAS to split them, so the attention
+  otherwise runs on one core while the linear layers' products use all.
 Tiles wholly above the causal diagonal are never computed, and inside a
 diagonal tile the passes stop at each row's last visible key.
 
-Measured (AMD EPYC, 2 cores, ``small``'s (8, 8, 256, 32), forward / backward
-ms, Numba on 1 -> 2 threads in one process): 15.5 -> 12.4 / 25.1 -> 17.7; at 1
-thread as fast as the previous twin, which looped over tiles in Python with
-NumPy's batched ``matmul`` and ran on one core (a Python-thread head split of
-it was slower: the GIL changed hands between every small call).
+Tried and dropped (issue 15, AMD EPYC, 2 cores): the whole head compiled in one
+Numba function, heads spread over Numba's threads with ``prange`` and the tile
+products as ``np.dot`` (SciPy's BLAS). Alone it took the attention of a
+``small`` layer from 15.5 / 25.1 ms (forward / backward, 1 thread) to
+12.4 / 17.7 ms on 2; inside a training step, alternating the two twins step by
+step in one process, it saved 1-3% at 2 threads and 3-7% at 1 (a busy host).
+But its compilation took 21-25 s on a fresh install (``np.dot`` per layout,
+the parallel pipeline) against 1.1 s for this file, the first
+``minillm train`` of every new user, and it needed SciPy.
 
 Arithmetic runs in the input dtype (float32 or float64; half precision runs
 the reference); a tile's row sums (at most ``TILE`` terms) accumulate in the
@@ -39,11 +43,12 @@ input dtype, the delta row dots in float64.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from backends.numba_math import vexp
 
@@ -54,179 +59,250 @@ from backends.numba_math import vexp
 # (64, 64) float32 tile per head (16 KiB) stays in L1/L2; 32 was no better than 64.
 TILE = 64
 
-_par = njit(cache=True, parallel=True, nogil=True, fastmath={"reassoc"}, error_model="numpy")
-_jit = njit(cache=True, nogil=True, fastmath={"reassoc"}, error_model="numpy")
+_jit = njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
+_jit_sum = njit(cache=True, nogil=True, fastmath={"reassoc"}, error_model="numpy")
 
 
 class FlashCache(NamedTuple):
-    q: np.ndarray          # (B, H, T, D) C-contiguous copies of the inputs (the reference's values)
+    q: np.ndarray          # (B, H, T, D)
     k: np.ndarray          # (B, H, S, D)
     v: np.ndarray          # (B, H, S, D)
     y: np.ndarray          # (B, H, T, D)
     lse: np.ndarray        # (B, H, T)
 
 
-def threads() -> int:
-    """Threads the heads are spread over: Numba's setting (``NUMBA_NUM_THREADS``)."""
-    return numba.get_num_threads()
-
-
-@_jit
-def _visible(off, t, s0, bs):
-    """Keys of the tile starting at s0 (width bs) that query t sees (query t: keys <= off + t)."""
-    return min(max(off + t - s0 + 1, 0), bs)
+def _tiles(n):
+    """[(start, stop), ...] covering range(n) in steps of TILE."""
+    return [(a, min(a + TILE, n)) for a in range(0, n, TILE)]
 
 
 # --- forward ---------------------------------------------------------------------------------
-@_jit
-def _fwd_probs(s, m, l, alpha, scale, off, t0, s0):
-    """One tile s (bt, bs) of raw scores q k^T, in place -> p = exp(s * scale - m_new).
+@_jit_sum
+def _fwd_probs(s, m, l, alpha, scale, first, zero):
+    """One tile s (R, bt, bs) of raw scores q k^T, in place -> p = exp(s * scale - m_new).
 
-    Keys above the diagonal get p = 0. Updates the running max m (bt,) to m_new
-    and the running sum l to alpha l + rowsum(p), and writes alpha = exp(m_old
-    - m_new), the factor that rescales what was summed under the old max.
+    ``first[t]`` = number of leading keys row t of the tile may see (the rest is
+    above the diagonal: p = 0). Updates the running max m (R, bt) to m_new and
+    the running sum l to alpha l + rowsum(p), and writes alpha = exp(m_old -
+    m_new), the factor that rescales what was summed under the old max.
     """
-    bt, bs = s.shape
-    for t in range(bt):
-        n = _visible(off, t0 + t, s0, bs)
-        mx = m[t]
-        for j in range(n):
-            s[t, j] = s[t, j] * scale
-            if s[t, j] > mx:
-                mx = s[t, j]
-        a = vexp(m[t] - mx)                           # m_old = -inf on the first tile: 0
-        total = l[t] * 0                              # this tile's <= TILE terms: input dtype
-        for j in range(n):
-            p = vexp(s[t, j] - mx)
-            s[t, j] = p
-            total += p
-        for j in range(n, bs):
-            s[t, j] = 0
-        alpha[t] = a
-        l[t] = a * l[t] + total
-        m[t] = mx
+    R, bt, bs = s.shape
+    for r in range(R):
+        for t in range(bt):
+            n = first[t]
+            mx = m[r, t]
+            for j in range(n):
+                s[r, t, j] = s[r, t, j] * scale
+                if s[r, t, j] > mx:
+                    mx = s[r, t, j]
+            a = vexp(m[r, t] - mx)                    # m_old = -inf on the first tile: 0
+            total = zero                              # this tile's <= TILE terms: input dtype
+            for j in range(n):
+                p = vexp(s[r, t, j] - mx)
+                s[r, t, j] = p
+                total += p
+            for j in range(n, bs):
+                s[r, t, j] = 0.0
+            alpha[r, t] = a
+            l[r, t] = a * l[r, t] + total
+            m[r, t] = mx
 
 
-@_par
-def _forward_heads(q, k, v, y, lse, scale, off, tile):
-    """q (R, T, D), k, v (R, S, D) -> writes y (R, T, D) and lse (R, T); one head per task."""
-    R, T, D = q.shape
-    S = k.shape[1]
-    for r in prange(R):
-        for t0 in range(0, T, tile):
-            t1 = min(t0 + tile, T)
-            bt = t1 - t0
-            m = np.full(bt, -np.inf, q.dtype)                    # running max
-            l = np.zeros(bt, q.dtype)                            # running sum
-            alpha = np.empty(bt, q.dtype)
-            acc = np.zeros((bt, D), q.dtype)                     # running output
-            for s0 in range(0, min(off + t1, S), tile):          # tiles some query here sees
-                s1 = min(s0 + tile, S)
-                s = np.dot(q[r, t0:t1], k[r, s0:s1].T)           # (bt, bs) one tile of scores
-                _fwd_probs(s, m, l, alpha, scale, off, t0, s0)   # p, unnormalised
-                pv = np.dot(s, v[r, s0:s1])                      # (bt, D)
-                for t in range(bt):
-                    for d in range(D):
-                        acc[t, d] = alpha[t] * acc[t, d] + pv[t, d]
-            for t in range(bt):
-                inv = 1 / l[t]
-                for d in range(D):
-                    y[r, t0 + t, d] = acc[t, d] * inv
-                lse[r, t0 + t] = m[t] + math.log(l[t])
+@_jit
+def _fwd_accumulate(pv, acc, alpha):
+    """acc = alpha acc + p v (pv: this tile's product)."""
+    R, bt, D = acc.shape
+    for r in range(R):
+        for t in range(bt):
+            a = alpha[r, t]
+            for d in range(D):
+                acc[r, t, d] = a * acc[r, t, d] + pv[r, t, d]
+
+
+@_jit
+def _fwd_finish(acc, l, m, y, lse):
+    """y = acc / l, lse = m + log(l), for one query block (R, bt, D)."""
+    R, bt, D = acc.shape
+    for r in range(R):
+        for t in range(bt):
+            inv = 1.0 / l[r, t]
+            for d in range(D):
+                y[r, t, d] = acc[r, t, d] * inv
+            lse[r, t] = m[r, t] + math.log(l[r, t])
+
+
+def _visible(t0, t1, s0, s1, off):
+    """(t1 - t0,) int64: keys of tile s0:s1 that each query t0..t1-1 sees (query t: s <= off + t)."""
+    return np.clip(off + np.arange(t0, t1) - s0 + 1, 0, s1 - s0).astype(np.int64)
+
+
+def _slabs(B, H):
+    """Split the B * H heads into at most ``threads()`` slabs: [(axis, start, stop), ...].
+
+    Heads are independent, so each slab runs on its own thread (Python threads:
+    NumPy's matmul and exp and these kernels, compiled ``nogil``, release the
+    GIL). A tile's products are too small for BLAS to thread them itself
+    (OpenBLAS runs a product below 2^18 multiply-adds on the calling thread).
+    """
+    n = threads()
+    axis, size = (0, B) if B >= n or B >= H else (1, H)
+    n = max(1, min(n, size))
+    edges = [size * i // n for i in range(n + 1)]
+    return [(axis, a, b) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _part(a, axis, start, stop):
+    """Slab ``start:stop`` of ``a`` along ``axis`` (0: batch rows, 1: heads); a view."""
+    return a[start:stop] if axis == 0 else a[:, start:stop]
+
+
+def _run_slabs(fn, B, H, *arrays):
+    """fn(*slab views of ``arrays``) for every slab, on the pool when there is more than one."""
+    slabs = _slabs(B, H)
+    if len(slabs) == 1:
+        fn(*arrays)
+        return
+    jobs = [_pool().submit(fn, *(_part(a, *sl) for a in arrays)) for sl in slabs]
+    for job in jobs:
+        job.result()                                                     # re-raises a worker's error
+
+
+_POOL: list = []
+
+
+# Off by default, measured: a ``small`` training step (bench/bench_train.py --split,
+# AMD EPYC, 2 cores) took 883 ms with OpenBLAS on 2 threads and the attention on
+# one, 1065 ms with the heads split over 2 threads (1210 / 1271 ms with OpenBLAS on
+# 1). OpenBLAS's workers keep spinning for a while after each large product and
+# take the core the second slab needs. Flip to True to compare on another machine
+# (the split then uses Numba's thread count, NUMBA_NUM_THREADS).
+SPLIT_HEADS = False
+
+
+def threads() -> int:
+    """Threads for the head split: 1, or Numba's setting when ``SPLIT_HEADS``."""
+    return numba.get_num_threads() if SPLIT_HEADS else 1
+
+
+def _pool():
+    if not _POOL or _POOL[0][0] != threads():
+        if _POOL:
+            _POOL[0][1].shutdown(wait=False)
+        _POOL[:] = [(threads(), ThreadPoolExecutor(max_workers=threads(), thread_name_prefix="flash"))]
+    return _POOL[0][1]
 
 
 def flash_forward(q, k, v):
     """Accelerated minillm.attention.flash_forward — see it for the math."""
     B, H, T, D = q.shape
-    S = k.shape[2]
-    q, k, v = (np.ascontiguousarray(a) for a in (q, k, v))           # (B, H, *, D) each
     y = np.empty((B, H, T, D), dtype=q.dtype)
     lse = np.empty((B, H, T), dtype=q.dtype)
-    _forward_heads(q.reshape(B * H, T, D), k.reshape(B * H, S, D), v.reshape(B * H, S, D),
-                   y.reshape(B * H, T, D), lse.reshape(B * H, T), q.dtype.type(1.0 / math.sqrt(D)),
-                   S - T, TILE)
+    _run_slabs(_forward_heads, B, H, q, k, v, y, lse)
     return y, FlashCache(q, k, v, y, lse)
+
+
+def _forward_heads(q, k, v, y, lse):
+    """The forward for one slab of heads; writes y (B, H, T, D) and lse (B, H, T)."""
+    B, H, T, D = q.shape
+    S = k.shape[2]
+    off, R, dt = S - T, B * H, q.dtype
+    scale = dt.type(1.0 / math.sqrt(D))
+    kT = k.transpose(0, 1, 3, 2)                                         # (B, H, D, S) view
+    for t0, t1 in _tiles(T):
+        bt = t1 - t0
+        m = np.full((R, bt), -np.inf, dtype=dt)                          # running max
+        l = np.zeros((R, bt), dtype=dt)                                  # running sum
+        alpha = np.empty((R, bt), dtype=dt)
+        acc = np.zeros((R, bt, D), dtype=dt)                             # running output
+        for s0, s1 in _tiles(off + t1):                                  # tiles some query sees
+            s = np.matmul(q[:, :, t0:t1], kT[..., s0:s1])                # (B, H, bt, bs) one tile
+            _fwd_probs(s.reshape(R, bt, s1 - s0), m, l, alpha, scale,
+                       _visible(t0, t1, s0, s1, off), dt.type(0))        # p, unnormalised
+            pv = np.matmul(s, v[:, :, s0:s1]).reshape(R, bt, D)          # (R, bt, D)
+            _fwd_accumulate(pv, acc, alpha)
+        yb = np.empty((R, bt, D), dtype=dt)
+        lb = np.empty((R, bt), dtype=dt)
+        _fwd_finish(acc, l, m, yb, lb)
+        y[:, :, t0:t1] = yb.reshape(B, H, bt, D)
+        lse[:, :, t0:t1] = lb.reshape(B, H, bt)
 
 
 # --- backward --------------------------------------------------------------------------------
 @_jit
-def _bwd_probs(p, lse, scale, off, t0, s0):
-    """p (bt, bs) raw scores, in place -> the forward's probabilities exp(p * scale - lse);
-    0 above the diagonal."""
-    bt, bs = p.shape
-    for t in range(bt):
-        n = _visible(off, t0 + t, s0, bs)
-        g = lse[t0 + t]
-        for j in range(n):
-            p[t, j] = vexp(p[t, j] * scale - g)
-        for j in range(n, bs):
-            p[t, j] = 0
+def _bwd_probs(s, lse, scale, first):
+    """s (R, bt, bs) raw scores, in place -> the forward's probabilities exp(s * scale - lse);
+    0 beyond each row's ``first[t]`` visible keys."""
+    R, bt, bs = s.shape
+    for r in range(R):
+        for t in range(bt):
+            n = first[t]
+            g = lse[r, t]
+            for j in range(n):
+                s[r, t, j] = vexp(s[r, t, j] * scale - g)
+            for j in range(n, bs):
+                s[r, t, j] = 0.0
 
 
 @_jit
-def _bwd_ds(p, dp, delta, scale, t0):
-    """dp (bt, bs), in place -> ds = p (dp - delta) * scale (0 where p = 0)."""
-    bt, bs = p.shape
-    for t in range(bt):
-        c = delta[t0 + t]
-        for j in range(bs):
-            dp[t, j] = p[t, j] * (dp[t, j] - c) * scale
+def _bwd_ds(p, dp, delta, scale):
+    """dp (R, bt, bs), in place -> ds = p (dp - delta) * scale (0 where p = 0)."""
+    R, bt, bs = p.shape
+    for r in range(R):
+        for t in range(bt):
+            c = delta[r, t]
+            for j in range(bs):
+                dp[r, t, j] = p[r, t, j] * (dp[r, t, j] - c) * scale
 
 
-@_jit
-def _row_dots(a, b, out):
-    """out[t] = sum_d a[t, d] b[t, d] (delta = rowsum(dy * y)), float64 sums."""
-    for t in range(a.shape[0]):
-        s = 0.0
-        for d in range(a.shape[1]):
-            s += a[t, d] * b[t, d]
-        out[t] = s
-
-
-@_jit
-def _add_into(dst, src):
-    for i in range(src.shape[0]):
-        for j in range(src.shape[1]):
-            dst[i, j] += src[i, j]
-
-
-@_par
-def _backward_heads(dy, q, k, v, y, lse, dq, dk, dv, scale, off, tile):
-    """Writes dq (R, T, D) and adds into dk, dv (R, S, D; zeros on entry); one head per task."""
-    R, T, D = q.shape
-    S = k.shape[1]
-    for r in prange(R):
-        delta = np.empty(T, q.dtype)
-        _row_dots(dy[r], y[r], delta)
-        for t0 in range(0, T, tile):
-            t1 = min(t0 + tile, T)
-            g, qb = dy[r, t0:t1], q[r, t0:t1]                    # (bt, D) each
-            dqb = np.zeros((t1 - t0, D), q.dtype)
-            for s0 in range(0, min(off + t1, S), tile):
-                s1 = min(s0 + tile, S)
-                p = np.dot(qb, k[r, s0:s1].T)                    # (bt, bs) scores again
-                _bwd_probs(p, lse[r], scale, off, t0, s0)
-                _add_into(dv[r, s0:s1], np.dot(p.T, g))          # (bs, D)
-                ds = np.dot(g, v[r, s0:s1].T)                    # dp, then ds in place
-                _bwd_ds(p, ds, delta, scale, t0)
-                dqb += np.dot(ds, k[r, s0:s1])                   # (bt, D)
-                _add_into(dk[r, s0:s1], np.dot(ds.T, qb))        # (bs, D)
-            dq[r, t0:t1] = dqb
+@_jit_sum
+def _row_dot(a, b, out):
+    """out[r, t] = sum_d a[r, t, d] b[r, t, d] (delta = rowsum(dy * y)), float64 sums."""
+    R, T, D = a.shape
+    for r in range(R):
+        for t in range(T):
+            s = 0.0
+            for d in range(D):
+                s += a[r, t, d] * b[r, t, d]
+            out[r, t] = s
 
 
 def flash_backward(dy, cache):
     """Accelerated minillm.attention.flash_backward — see it for the math."""
-    q, k, v, y, lse = (np.ascontiguousarray(a) for a in cache)
+    q, k, v, y, lse = cache
     B, H, T, D = q.shape
-    S, R = k.shape[2], B * H
+    S = k.shape[2]
     dy = np.ascontiguousarray(dy, dtype=q.dtype)                         # (B, H, T, D)
-    dq = np.empty((B, H, T, D), dtype=q.dtype)
+    dq = np.zeros((B, H, T, D), dtype=q.dtype)
     dk = np.zeros((B, H, S, D), dtype=q.dtype)
     dv = np.zeros((B, H, S, D), dtype=q.dtype)
-    _backward_heads(dy.reshape(R, T, D), q.reshape(R, T, D), k.reshape(R, S, D), v.reshape(R, S, D),
-                    y.reshape(R, T, D), lse.reshape(R, T), dq.reshape(R, T, D), dk.reshape(R, S, D),
-                    dv.reshape(R, S, D), q.dtype.type(1.0 / math.sqrt(D)), S - T, TILE)
+    _run_slabs(_backward_heads, B, H, dy, q, k, v, y, lse, dq, dk, dv)
     return dq, dk, dv
+
+
+def _backward_heads(dy, q, k, v, y, lse, dq, dk, dv):
+    """The backward for one slab of heads; adds into dq, dk, dv (zeros on entry)."""
+    B, H, T, D = q.shape
+    S = k.shape[2]
+    off, R, dt = S - T, B * H, q.dtype
+    scale = dt.type(1.0 / math.sqrt(D))
+    delta = np.empty((R, T), dtype=dt)
+    _row_dot(np.ascontiguousarray(dy).reshape(R, T, D), np.ascontiguousarray(y).reshape(R, T, D), delta)
+    lse3 = np.ascontiguousarray(lse).reshape(R, T)
+    kT, vT = k.transpose(0, 1, 3, 2), v.transpose(0, 1, 3, 2)           # (B, H, D, S) views
+    for t0, t1 in _tiles(T):
+        bt = t1 - t0
+        g = dy[:, :, t0:t1]                                              # (B, H, bt, D)
+        lse_b = np.ascontiguousarray(lse3[:, t0:t1])
+        delta_b = np.ascontiguousarray(delta[:, t0:t1])
+        for s0, s1 in _tiles(off + t1):
+            bs = s1 - s0
+            p = np.matmul(q[:, :, t0:t1], kT[..., s0:s1])                # (B, H, bt, bs)
+            _bwd_probs(p.reshape(R, bt, bs), lse_b, scale, _visible(t0, t1, s0, s1, off))
+            dv[:, :, s0:s1] += np.matmul(p.transpose(0, 1, 3, 2), g)
+            ds = np.matmul(g, vT[..., s0:s1])                            # dp, then ds in place
+            _bwd_ds(p.reshape(R, bt, bs), ds.reshape(R, bt, bs), delta_b, scale)
+            dq[:, :, t0:t1] += np.matmul(ds, k[:, :, s0:s1])
+            dk[:, :, s0:s1] += np.matmul(ds.transpose(0, 1, 3, 2), q[:, :, t0:t1])
 
 
 KERNELS = {
