@@ -81,15 +81,15 @@ def _tiles(n):
 def _fwd_probs(s, m, l, alpha, scale, first, zero):
     """One tile s (R, bt, bs) of raw scores q k^T, in place -> p = exp(s * scale - m_new).
 
-    ``first[t]`` = number of leading keys row t of the tile may see (the rest is
-    above the diagonal: p = 0). Updates the running max m (R, bt) to m_new and
+    Row t of the tile may see its first ``first + t`` keys (``_first``; the rest
+    is above the diagonal: p = 0). Updates the running max m (R, bt) to m_new and
     the running sum l to alpha l + rowsum(p), and writes alpha = exp(m_old -
     m_new), the factor that rescales what was summed under the old max.
     """
     R, bt, bs = s.shape
     for r in range(R):
         for t in range(bt):
-            n = first[t]
+            n = min(max(first + t, 0), bs)
             mx = m[r, t]
             for j in range(n):
                 s[r, t, j] = s[r, t, j] * scale
@@ -131,9 +131,10 @@ def _fwd_finish(acc, l, m, y, lse):
             lse[r, t] = m[r, t] + math.log(l[r, t])
 
 
-def _visible(t0, t1, s0, s1, off):
-    """(t1 - t0,) int64: keys of tile s0:s1 that each query t0..t1-1 sees (query t: s <= off + t)."""
-    return np.clip(off + np.arange(t0, t1) - s0 + 1, 0, s1 - s0).astype(np.int64)
+def _first(t0, s0, off):
+    """Keys of the tile starting at key s0 that its first query t0 sees (query t: keys
+    <= off + t); query t0 + t sees ``_first + t`` of them, clipped to [0, tile width]."""
+    return off + t0 - s0 + 1
 
 
 def _slabs(B, H):
@@ -217,7 +218,7 @@ def _forward_heads(q, k, v, y, lse):
         for s0, s1 in _tiles(off + t1):                                  # tiles some query sees
             s = np.matmul(q[:, :, t0:t1], kT[..., s0:s1])                # (B, H, bt, bs) one tile
             _fwd_probs(s.reshape(R, bt, s1 - s0), m, l, alpha, scale,
-                       _visible(t0, t1, s0, s1, off), dt.type(0))        # p, unnormalised
+                       _first(t0, s0, off), dt.type(0))                  # p, unnormalised
             pv = np.matmul(s, v[:, :, s0:s1]).reshape(R, bt, D)          # (R, bt, D)
             _fwd_accumulate(pv, acc, alpha)
         yb = np.empty((R, bt, D), dtype=dt)
@@ -231,11 +232,11 @@ def _forward_heads(q, k, v, y, lse):
 @_jit
 def _bwd_probs(s, lse, scale, first):
     """s (R, bt, bs) raw scores, in place -> the forward's probabilities exp(s * scale - lse);
-    0 beyond each row's ``first[t]`` visible keys."""
+    0 beyond row t's ``first + t`` visible keys."""
     R, bt, bs = s.shape
     for r in range(R):
         for t in range(bt):
-            n = first[t]
+            n = min(max(first + t, 0), bs)
             g = lse[r, t]
             for j in range(n):
                 s[r, t, j] = vexp(s[r, t, j] * scale - g)
@@ -297,7 +298,7 @@ def _backward_heads(dy, q, k, v, y, lse, dq, dk, dv):
         for s0, s1 in _tiles(off + t1):
             bs = s1 - s0
             p = np.matmul(q[:, :, t0:t1], kT[..., s0:s1])                # (B, H, bt, bs)
-            _bwd_probs(p.reshape(R, bt, bs), lse_b, scale, _visible(t0, t1, s0, s1, off))
+            _bwd_probs(p.reshape(R, bt, bs), lse_b, scale, _first(t0, s0, off))
             dv[:, :, s0:s1] += np.matmul(p.transpose(0, 1, 3, 2), g)
             ds = np.matmul(g, vT[..., s0:s1])                            # dp, then ds in place
             _bwd_ds(p.reshape(R, bt, bs), ds.reshape(R, bt, bs), delta_b, scale)
