@@ -44,9 +44,10 @@ from backends.numba_math import vexp, vsigmoid
 # median with True vs 978 ms with False; and with OpenMP's threads sleeping
 # (OMP_WAIT_POLICY=PASSIVE, numba_backend) and the one-pass GELU / cross-entropy,
 # per-round medians 1310-1734 ms with True vs 1160-1345 ms with False (3 rounds,
-# a busy host). The twins gain by fusing passes; the
-# cores go to BLAS. Flip to True to compare on a quiet machine (editing
-# this file invalidates Numba's on-disk cache, so no stale code runs).
+# a busy host), 860-884 vs 729-807 ms on a quiet one (also with OpenBLAS's workers
+# sleeping at once, OPENBLAS_THREAD_TIMEOUT=4, True stayed slower). The twins gain
+# by fusing passes; the cores go to BLAS. Flip to True to compare on another
+# machine (editing this file invalidates Numba's on-disk cache, so no stale code runs).
 PARALLEL = False
 _jit = njit(cache=True, parallel=PARALLEL, fastmath=False, error_model="numpy")
 # Row sums may be reordered (``reassoc`` only: no change to NaN/inf handling) so
