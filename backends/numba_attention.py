@@ -19,10 +19,12 @@ How the work is split on a CPU:
   ds = p (dp - delta)); ``exp`` is ``numba_math.vexp``, plain arithmetic that
   LLVM vectorises (Numba without SVML would call scalar libm, and NumPy's
   float32 ``exp`` runs scalar on AVX2 CPUs: 1.5-2.3 ns per element);
-- optionally (``SPLIT_HEADS``, off: see there for the measurement) the B * H
-  heads are split into one slab per thread, each run by a Python thread: a
-  tile's products are too small for BLAS to split them, so the attention
-  otherwise runs on one core while the linear layers' products use all.
+- the B * H heads are split into one slab per thread (``threads()``), each
+  run by a Python thread: a tile's products are too small for BLAS to split
+  them, so the attention otherwise runs on one core while the linear layers'
+  products use all. This pays only when OpenBLAS's idle workers go to sleep
+  soon after a product (``OPENBLAS_THREAD_TIMEOUT``, which ``minillm`` sets
+  before NumPy loads): see ``SPLIT_HEADS`` for the measurements.
 Tiles wholly above the causal diagonal are never computed, and inside a
 diagonal tile the passes stop at each row's last visible key.
 
@@ -43,6 +45,7 @@ input dtype, the delta row dots in float64.
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -171,18 +174,39 @@ def _run_slabs(fn, B, H, *arrays):
 _POOL: list = []
 
 
-# Off by default, measured: a ``small`` training step (bench/bench_train.py --split,
-# AMD EPYC, 2 cores) took 883 ms with OpenBLAS on 2 threads and the attention on
-# one, 1065 ms with the heads split over 2 threads (1210 / 1271 ms with OpenBLAS on
-# 1). OpenBLAS's workers keep spinning for a while after each large product and
-# take the core the second slab needs. Flip to True to compare on another machine
-# (the split then uses Numba's thread count, NUMBA_NUM_THREADS).
-SPLIT_HEADS = False
+# None (auto): split when OpenBLAS's idle workers sleep soon after a product
+# (``blas_workers_nap``); True / False force it. Why it depends on that (issue 15,
+# AMD EPYC, 2 cores, ``small`` layer's attention, forward + backward, each call
+# right after a 2-thread (2048, 256) @ (256, 1024) product): OpenBLAS's workers
+# spin for 2^OPENBLAS_THREAD_TIMEOUT cycles after a product (default 2^28, ~0.1 s)
+# and take the core the second slab needs: split over 2 threads 21.4 ms against
+# 21.6 on one (forward alone). With the timeout at 2^20: 14.5 ms against 24.0
+# (fwd + bwd), and the product itself unchanged (4.9-5.0 ms). Forward alone, 2
+# threads: 7.9-8.2 ms at 2^4, 2^16 or 2^20, 12.1 at 2^24, 15.0 at the default.
+# A short timeout puts the workers to sleep between back-to-back products; 2^20
+# (~0.3 ms) keeps them awake through a layer's run of products. Before this was
+# known the split measured slower inside a step: 1065 against 883 ms
+# (bench/bench_train.py --split).
+SPLIT_HEADS = None
+_NAP_MAX = 20          # log2 cycles: the longest spin measured to free the core
+
+
+def blas_workers_nap() -> bool:
+    """True when ``OPENBLAS_THREAD_TIMEOUT`` is set to at most ``_NAP_MAX`` (log2 cycles).
+
+    OpenBLAS reads it once, when NumPy loads it: ``import minillm`` before NumPy
+    sets 20 unless the user exported a value. (Set later in the process, it is
+    wrongly trusted here; the split then only runs slower, never wrong.)
+    """
+    value = os.environ.get("OPENBLAS_THREAD_TIMEOUT", "")
+    return value.strip().isdigit() and int(value) <= _NAP_MAX
 
 
 def threads() -> int:
-    """Threads for the head split: 1, or Numba's setting when ``SPLIT_HEADS``."""
-    return numba.get_num_threads() if SPLIT_HEADS else 1
+    """Threads for the head split: Numba's setting (NUMBA_NUM_THREADS) when splitting
+    (``SPLIT_HEADS``, or in auto mode ``blas_workers_nap()``), else 1."""
+    split = blas_workers_nap() if SPLIT_HEADS is None else SPLIT_HEADS
+    return numba.get_num_threads() if split else 1
 
 
 def _pool():

@@ -54,6 +54,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import minillm  # noqa: F401  (first: it sets OpenBLAS's thread timeout before NumPy loads OpenBLAS)
 import numpy as np
 
 from minillm import files, timing

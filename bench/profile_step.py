@@ -11,9 +11,9 @@ import argparse
 import cProfile
 import pstats
 
+import minillm as mm  # first: it sets OpenBLAS's thread timeout before NumPy loads OpenBLAS
 import numpy as np
 
-import minillm as mm
 from minillm import backend, timing
 
 

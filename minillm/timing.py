@@ -22,7 +22,8 @@ from . import backend
 from .checks import check_int
 
 # Environment variables that size the thread pools numpy, numba and BLAS start with.
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
+               "OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY")
 
 
 def median_time(fn, repeats: int = 5, warmup: int = 1, sync=None) -> dict:

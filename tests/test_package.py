@@ -6,8 +6,13 @@ the generation loop import each other in one direction only:
 layers/attention <- seams <- transformer <- kv_cache <- generation <- model.
 """
 import ast
+import os
 import pkgutil
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import minillm
 
@@ -71,3 +76,18 @@ def test_the_model_generation_cache_chain_has_no_circle_even_through_lazy_import
 def test_cycle_finder_finds_one():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+@pytest.mark.parametrize("code, exported, expect", [
+    ("import minillm", None, "20"),                  # before NumPy: the short spin is set
+    ("import minillm", "8", "8"),                    # the user's value wins
+    ("import numpy; import minillm", None, None),    # too late for OpenBLAS: left alone
+])
+def test_import_sets_openblas_thread_timeout_only_before_numpy(code, exported, expect):
+    """``import minillm`` sets OPENBLAS_THREAD_TIMEOUT=20 when it can still take effect."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if exported is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = exported
+    out = subprocess.run([sys.executable, "-c", f"{code}; import os; print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"],
+                         env=env, capture_output=True, text=True, check=True, cwd=PKG.parent)
+    assert out.stdout.strip() == str(expect)
