@@ -19,12 +19,11 @@ How the work is split on a CPU:
   ds = p (dp - delta)); ``exp`` is ``numba_math.vexp``, plain arithmetic that
   LLVM vectorises (Numba without SVML would call scalar libm, and NumPy's
   float32 ``exp`` runs scalar on AVX2 CPUs: 1.5-2.3 ns per element);
-- the B * H heads are split into one slab per thread (``threads()``), each
-  run by a Python thread: a tile's products are too small for BLAS to split
-  them, so the attention otherwise runs on one core while the linear layers'
-  products use all. This pays only when OpenBLAS's idle workers go to sleep
-  soon after a product (``OPENBLAS_THREAD_TIMEOUT``, which ``minillm`` sets
-  before NumPy loads): see ``SPLIT_HEADS`` for the measurements.
+- the B * H heads are split into one slab per thread, each run by a Python
+  thread (``backends/numba_threads.py``: when that pays, measured; it needs
+  OpenBLAS's idle workers to sleep soon after a product). Split over 2
+  threads, a ``small`` layer's forward + backward took 14.5 ms against 24.0
+  on one (each call right after a 2-thread BLAS product).
 Tiles wholly above the causal diagonal are never computed, and inside a
 diagonal tile the passes stop at each row's last visible key.
 
@@ -45,15 +44,13 @@ input dtype, the delta row dots in float64.
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
-import numba
 import numpy as np
 from numba import njit
 
 from backends.numba_math import vexp
+from backends.numba_threads import edges, run_blocks, threads
 
 # Query block / key tile. Measured at 1 thread (AMD EPYC, flash fwd + bwd, min of 14
 # interleaved runs): (B, H, T, D) = (8, 8, 256, 32): 64 -> 26.4 ms, 128 -> 30.9 ms;
@@ -140,19 +137,27 @@ def _first(t0, s0, off):
     return off + t0 - s0 + 1
 
 
-def _slabs(B, H):
+# Below this many multiply-adds per product (B * H * T * S * D) the heads stay on
+# one thread: the hand-offs (and the GIL between the tile loops' NumPy calls) cost
+# more than half the work. Measured (AMD EPYC, 2 threads, fwd + bwd right after a
+# 2-thread BLAS product; one thread -> split): 2.1 M (``tiny``) 1.01 -> 1.30 ms,
+# 8.4 M 2.58 -> 2.65, 33.6 M 7.02 -> 4.21, 134 M (``small``) 25.9 -> 16.1.
+MIN_SPLIT_WORK = 1 << 24
+
+
+def _slabs(B, H, work):
     """Split the B * H heads into at most ``threads()`` slabs: [(axis, start, stop), ...].
 
-    Heads are independent, so each slab runs on its own thread (Python threads:
-    NumPy's matmul and exp and these kernels, compiled ``nogil``, release the
-    GIL). A tile's products are too small for BLAS to thread them itself
-    (OpenBLAS runs a product below 2^18 multiply-adds on the calling thread).
+    Heads are independent, so each slab runs on its own thread (``numba_threads``:
+    NumPy's matmul and these kernels, compiled ``nogil``, release the GIL). A
+    tile's products are too small for BLAS to split them (OpenBLAS runs a product
+    below 2^18 multiply-adds on the calling thread), so without this the
+    attention runs on one core while the linear layers' products use all.
+    ``work``: B * H * T * S * D; below ``MIN_SPLIT_WORK``, one slab.
     """
-    n = threads()
+    n = threads() if work >= MIN_SPLIT_WORK else 1
     axis, size = (0, B) if B >= n or B >= H else (1, H)
-    n = max(1, min(n, size))
-    edges = [size * i // n for i in range(n + 1)]
-    return [(axis, a, b) for a, b in zip(edges[:-1], edges[1:])]
+    return [(axis, a, b) for a, b in edges(size, n)]
 
 
 def _part(a, axis, start, stop):
@@ -160,61 +165,13 @@ def _part(a, axis, start, stop):
     return a[start:stop] if axis == 0 else a[:, start:stop]
 
 
-def _run_slabs(fn, B, H, *arrays):
-    """fn(*slab views of ``arrays``) for every slab, on the pool when there is more than one."""
-    slabs = _slabs(B, H)
-    if len(slabs) == 1:
-        fn(*arrays)
-        return
-    jobs = [_pool().submit(fn, *(_part(a, *sl) for a in arrays)) for sl in slabs]
-    for job in jobs:
-        job.result()                                                     # re-raises a worker's error
-
-
-_POOL: list = []
-
-
-# None (auto): split when OpenBLAS's idle workers sleep soon after a product
-# (``blas_workers_nap``); True / False force it. Why it depends on that (issue 15,
-# AMD EPYC, 2 cores, ``small`` layer's attention, forward + backward, each call
-# right after a 2-thread (2048, 256) @ (256, 1024) product): OpenBLAS's workers
-# spin for 2^OPENBLAS_THREAD_TIMEOUT cycles after a product (default 2^28, ~0.1 s)
-# and take the core the second slab needs: split over 2 threads 21.4 ms against
-# 21.6 on one (forward alone). With the timeout at 2^20: 14.5 ms against 24.0
-# (fwd + bwd), and the product itself unchanged (4.9-5.0 ms). Forward alone, 2
-# threads: 7.9-8.2 ms at 2^4, 2^16 or 2^20, 12.1 at 2^24, 15.0 at the default.
-# A short timeout puts the workers to sleep between back-to-back products; 2^20
-# (~0.3 ms) keeps them awake through a layer's run of products. Before this was
-# known the split measured slower inside a step: 1065 against 883 ms
-# (bench/bench_train.py --split).
-SPLIT_HEADS = None
-_NAP_MAX = 20          # log2 cycles: the longest spin measured to free the core
-
-
-def blas_workers_nap() -> bool:
-    """True when ``OPENBLAS_THREAD_TIMEOUT`` is set to at most ``_NAP_MAX`` (log2 cycles).
-
-    OpenBLAS reads it once, when NumPy loads it: ``import minillm`` before NumPy
-    sets 20 unless the user exported a value. (Set later in the process, it is
-    wrongly trusted here; the split then only runs slower, never wrong.)
-    """
-    value = os.environ.get("OPENBLAS_THREAD_TIMEOUT", "")
-    return value.strip().isdigit() and int(value) <= _NAP_MAX
-
-
-def threads() -> int:
-    """Threads for the head split: Numba's setting (NUMBA_NUM_THREADS) when splitting
-    (``SPLIT_HEADS``, or in auto mode ``blas_workers_nap()``), else 1."""
-    split = blas_workers_nap() if SPLIT_HEADS is None else SPLIT_HEADS
-    return numba.get_num_threads() if split else 1
-
-
-def _pool():
-    if not _POOL or _POOL[0][0] != threads():
-        if _POOL:
-            _POOL[0][1].shutdown(wait=False)
-        _POOL[:] = [(threads(), ThreadPoolExecutor(max_workers=threads(), thread_name_prefix="flash"))]
-    return _POOL[0][1]
+def _run_slabs(fn, q, k, *arrays):
+    """fn(*slab views of ``arrays``) for every slab of heads (``numba_threads.run_blocks``);
+    q (B, H, T, D) and k (B, H, S, D) give the sizes."""
+    B, H, T, D = q.shape
+    slabs = _slabs(B, H, B * H * T * k.shape[2] * D)
+    axis = slabs[0][0]
+    run_blocks(lambda a, b: fn(*(_part(x, axis, a, b) for x in arrays)), [sl[1:] for sl in slabs])
 
 
 def flash_forward(q, k, v):
@@ -222,7 +179,7 @@ def flash_forward(q, k, v):
     B, H, T, D = q.shape
     y = np.empty((B, H, T, D), dtype=q.dtype)
     lse = np.empty((B, H, T), dtype=q.dtype)
-    _run_slabs(_forward_heads, B, H, q, k, v, y, lse)
+    _run_slabs(_forward_heads, q, k, q, k, v, y, lse)
     return y, FlashCache(q, k, v, y, lse)
 
 
@@ -300,7 +257,7 @@ def flash_backward(dy, cache):
     dq = np.zeros((B, H, T, D), dtype=q.dtype)
     dk = np.zeros((B, H, S, D), dtype=q.dtype)
     dv = np.zeros((B, H, S, D), dtype=q.dtype)
-    _run_slabs(_backward_heads, B, H, dy, q, k, v, y, lse, dq, dk, dv)
+    _run_slabs(_backward_heads, q, k, dy, q, k, v, y, lse, dq, dk, dv)
     return dq, dk, dv
 
 

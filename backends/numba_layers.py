@@ -46,8 +46,14 @@ from backends.numba_math import vexp, vsigmoid
 # per-round medians 1310-1734 ms with True vs 1160-1345 ms with False (3 rounds,
 # a busy host), 860-884 vs 729-807 ms on a quiet one (also with OpenBLAS's workers
 # sleeping at once, OPENBLAS_THREAD_TIMEOUT=4, True stayed slower). The twins gain
-# by fusing passes; the cores go to BLAS. Flip to True to compare on another
-# machine (editing this file invalidates Numba's on-disk cache, so no stale code runs).
+# by fusing passes; the cores go to BLAS. With OpenBLAS's workers sleeping soon
+# (2^20 cycles, ``numba_threads``), alone after a 2-thread product, Numba's pool
+# took LayerNorm from 0.25 to 0.52 ms, left GELU as it was and cross-entropy's
+# forward from 20 to 13 ms; row blocks on Python threads (``numba_threads``)
+# inside a ``small`` step: cross-entropy forward 10.9 -> 6.9 ms, but its backward
+# 4.3 -> 7.3, AdamW 5.0 -> 5.9 (memory-bound), the step 573 -> 619 ms. Flip to
+# True to compare on another machine (editing this file invalidates Numba's
+# on-disk cache, so no stale code runs).
 PARALLEL = False
 _jit = njit(cache=True, parallel=PARALLEL, fastmath=False, error_model="numpy")
 # Row sums may be reordered (``reassoc`` only: no change to NaN/inf handling) so

@@ -34,8 +34,10 @@ after that step. Numba's compile seconds per area come from its
 Thread split (``--split``): instead of the comparison, the numba backend alone
 with every pair (OpenBLAS threads, Numba threads) from ``--threads``, same
 interleaving: OpenBLAS runs the linear layers' products, Numba's setting sizes
-the attention twin's head split when ``backends.numba_attention.SPLIT_HEADS``
-is on (and the layer twins' loops when ``numba_layers.PARALLEL`` is). Written
+the attention twin's head split (``backends/numba_threads.py``: on when
+OpenBLAS's idle workers sleep soon, which ``import minillm`` arranges; this
+script imports it before NumPy) and the layer twins' loops when
+``numba_layers.PARALLEL`` is on. Written
 to ``bench/results/bench_train_split.{json,md}`` unless ``--out`` says otherwise.
 
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 python bench/bench_train.py
