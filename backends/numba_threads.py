@@ -16,7 +16,7 @@ forward split over 2 threads 21.4 ms against 21.6 on one at the default
 timeout; 7.9-8.2 ms at 2^4, 2^16 or 2^20, 12.1 at 2^24, 15.0 at 2^28 (fwd alone,
 1-thread 14.6). The product itself took 4.9-5.0 ms at every setting. A short
 timeout makes the workers sleep between back-to-back products; 2^20 (~0.3 ms)
-keeps them awake through a layer's run of products. ``import minillm`` sets 20
+keeps them awake through a layer's run of products. The minillm package sets 20
 before NumPy loads OpenBLAS (it reads the variable once, at load), unless the
 user exported a value.
 """
@@ -35,7 +35,7 @@ _POOL: list = []       # [(threads, executor)]
 def blas_workers_nap() -> bool:
     """True when ``OPENBLAS_THREAD_TIMEOUT`` is set to at most ``_NAP_MAX`` (log2 cycles).
 
-    OpenBLAS reads it once, when NumPy loads it: ``import minillm`` before NumPy
+    OpenBLAS reads it once, when NumPy loads it: importing minillm before NumPy
     sets 20 unless the user exported a value. (Set later in the process it is
     wrongly trusted here; the split then runs slower, never wrong.)
     """
