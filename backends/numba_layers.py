@@ -128,7 +128,10 @@ def linear_backward(dy, cache):
     dy2 = dy.reshape(-1, dy.shape[-1])                              # (N, Cout)
     x2 = x.reshape(-1, x.shape[-1])                                 # (N, Cin)
     dx = np.matmul(dy2, w.T)                                        # (N, Cin) one BLAS call
-    dw = np.matmul(x2.T, dy2)                                       # (Cin, Cout)
+    if w.flags.f_contiguous and not w.flags.c_contiguous:           # w = a transposed array
+        dw = np.matmul(dy2.T, x2).T                                 # (Cin, Cout) in w's layout
+    else:                                                           # (the tied head: dwte then adds
+        dw = np.matmul(x2.T, dy2)                                   # up without a transposing pass)
     db = dy2.sum(axis=0) if has_bias else None                      # (Cout,)
     return dx.reshape(x.shape), dw, db
 

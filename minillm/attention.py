@@ -177,8 +177,16 @@ def split_qkv(qkv, n_head: int):
 
 
 def merge_qkv(dq, dk, dv):
-    """3 x (B, H, T, D) -> (B, T, 3C): the reverse of ``split_qkv`` (for dqkv)."""
-    return xp_of(dq).concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)
+    """3 x (B, H, T, D) -> (B, T, 3C): the reverse of ``split_qkv`` (for dqkv).
+
+    One copy of each into its place (a concatenation of ``merge_heads`` would copy
+    each twice: ~15 -> ~8 ms per ``small`` step).
+    """
+    B, H, T, D = dq.shape
+    out = xp_of(dq).empty((B, T, 3, H, D), dtype=dq.dtype)              # (B, T, 3C) once reshaped
+    for j, g in enumerate((dq, dk, dv)):
+        out[:, :, j] = g.transpose(0, 2, 1, 3)                           # (B, T, H, D)
+    return out.reshape(B, T, 3 * H * D)
 
 
 def self_attention_forward(qkv, n_head: int):

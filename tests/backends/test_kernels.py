@@ -114,7 +114,8 @@ def _flash_bwd(rng, dtype):
 def _linear_fwd(rng, dtype):
     Cin, Cout = (int(n) for n in rng.integers(1, 40, size=2))
     bias = _normal(rng, Cout, dtype) if rng.random() < 0.7 else None
-    return _normal(rng, _lead(rng) + (Cin,), dtype), _normal(rng, (Cin, Cout), dtype), bias
+    w = _normal(rng, (Cout, Cin), dtype).T if rng.random() < 0.3 else _normal(rng, (Cin, Cout), dtype)
+    return _normal(rng, _lead(rng) + (Cin,), dtype), w, bias          # w.T: the tied head's wte.T
 
 
 def _linear_bwd(rng, dtype):
@@ -294,3 +295,20 @@ def test_flash_twin_split_over_threads_equals_reference(n_threads, shape, monkey
     y1, cache1 = numba_attention.flash_forward(q, k, v)            # the split changes no bit
     for a, b in zip((y, cache.lse, *got), (y1, cache1.lse, *numba_attention.flash_backward(dy, cache1))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_linear_backward_twin_gives_dw_in_ws_layout():
+    """For a transposed weight (the tied head's wte.T) dw comes transposed too, so the
+    model's dwte adds up without a transposing pass; the values are the reference's."""
+    if not backend.available().get("numba", (False, ""))[0]:
+        pytest.skip("numba not available")
+    from backends import numba_layers
+    rng = np.random.default_rng(0)
+    wte = _normal(rng, (50, 8), "float32")
+    x, dy = _normal(rng, (2, 3, 8), "float32"), _normal(rng, (2, 3, 50), "float32")
+    for w in (wte.T, np.ascontiguousarray(wte.T)):
+        _, cache = numba_layers.linear_forward(x, w)
+        dx, dw, db = numba_layers.linear_backward(dy, cache)
+        ref = backend.reference("layers.linear_backward")(dy, cache)
+        assert dw.shape == w.shape and dw.flags.f_contiguous == w.flags.f_contiguous and db is None
+        assert_same_output("linear_backward", (dx, dw, db), ref, "float32")
