@@ -136,8 +136,11 @@ def minillm_case(backend_name: str, preset: str, batch_size: int, warmup: int, r
         import numba
         from backends import numba_attention, numba_layers
         layers = f"{numba.get_num_threads()} threads" if numba_layers.PARALLEL else "serial"
-        out["version"] += (f", numba {numba.__version__} (attention on {numba_attention.threads()} "
-                           f"threads, other twins {layers})")
+        B, T, H = batch_size, cfg.block_size, cfg.n_head
+        heads = len(numba_attention._slabs(B, H, B * H * T * T * (cfg.n_embd // H)))
+        out["version"] += (f", numba {numba.__version__} (attention heads on {heads} thread(s), "
+                           f"OPENBLAS_THREAD_TIMEOUT={os.environ.get('OPENBLAS_THREAD_TIMEOUT')}, "
+                           f"other twins {layers})")
     return out
 
 
