@@ -39,9 +39,14 @@ OpenBLAS's idle workers sleep soon, which ``import minillm`` arranges; this
 script imports it before NumPy) and the layer twins' loops when
 ``numba_layers.PARALLEL`` is on. Written
 to ``bench/results/bench_train_split.{json,md}`` unless ``--out`` says otherwise.
+``--blas-timeouts 28 20`` runs every pair at each OPENBLAS_THREAD_TIMEOUT (28:
+OpenBLAS's default spin, under which the heads stay on one thread; 20: what
+``import minillm`` sets), and ``--with-torch`` adds torch at each thread count,
+all interleaved: the before / after of the head split in one table.
 
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 python bench/bench_train.py
     python bench/bench_train.py --split --presets small --no-cold
+    python bench/bench_train.py --split --presets small --no-cold --threads 2 --blas-timeouts 28 20 --with-torch --rounds 5
 
 Prints the tables and writes ``bench/results/bench_train.{json,md,png}``.
 """
@@ -250,12 +255,16 @@ def run_worker(args: list, env: dict) -> tuple[dict, str]:
         return json.loads(out.read_text()), proc.stderr
 
 
-def run_case(backend_name, preset, batch_size, warmup, repeats, threads, numba_threads=None) -> dict:
+def run_case(backend_name, preset, batch_size, warmup, repeats, threads, numba_threads=None,
+             blas_timeout=None) -> dict:
     """One case in a fresh interpreter with every thread pool sized ``threads`` (Numba's
-    ``numba_threads`` when given: the thread-split measurement)."""
+    ``numba_threads`` when given, and OPENBLAS_THREAD_TIMEOUT=``blas_timeout``: the
+    thread-split measurement)."""
     env = {var: str(threads) for var in THREAD_ENV}
     if numba_threads is not None:
         env["NUMBA_NUM_THREADS"] = str(numba_threads)
+    if blas_timeout is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = str(blas_timeout)
     res, _ = run_worker(["--worker", backend_name, "--presets", preset, "--batch-size", str(batch_size),
                          "--warmup", str(warmup), "--repeats", str(repeats), "--threads", str(threads)],
                         env)
@@ -288,20 +297,30 @@ def interleaved(backends, preset, batch_size, warmup, repeats, threads, rounds) 
     return out
 
 
-def thread_split(preset, batch_size, warmup, repeats, threads, rounds) -> list[dict]:
-    """numba backend, every (OpenBLAS, Numba) thread pair, interleaved ``rounds`` times."""
-    pairs = [(b, n) for b in threads for n in threads]
-    runs: dict = {pair: [] for pair in pairs}
+def thread_split(preset, batch_size, warmup, repeats, threads, rounds, timeouts=(None,),
+                 torch=False) -> list[dict]:
+    """numba backend, every (OpenBLAS, Numba) thread pair for every OpenBLAS idle timeout
+    (None: inherited), plus torch at each thread count if ``torch``; interleaved ``rounds``
+    times."""
+    cases = [("numba", b, n, to) for to in timeouts for b in threads for n in threads]
+    cases += [("torch", t, t, None) for t in threads] if torch else []
+    runs: dict = {case: [] for case in cases}
     for r in range(rounds):
-        for pair in (pairs if r % 2 == 0 else pairs[::-1]):
-            runs[pair].append(run_case("numba", preset, batch_size, warmup, repeats, *pair))
+        for backend_name, blas, nb, to in (cases if r % 2 == 0 else cases[::-1]):
+            runs[backend_name, blas, nb, to].append(
+                run_case(backend_name, preset, batch_size, warmup, repeats, blas, nb, to))
     rows = []
-    for (blas, nb), results in runs.items():
+    for (backend_name, blas, nb, to), results in runs.items():
         times = [t for res in results for t in res["times_s"]]
-        rows.append({"preset": preset, "B": batch_size, "blas_threads": blas, "numba_threads": nb,
+        to = to if to is not None else os.environ.get("OPENBLAS_THREAD_TIMEOUT")
+        rows.append({"preset": preset, "B": batch_size, "backend": backend_name, "blas_threads": blas,
+                     "numba_threads": nb if backend_name == "numba" else None,
+                     "blas_timeout": to if backend_name == "numba" else None,
                      "median_ms": float(np.median(times)) * 1e3, "times_ms": [t * 1e3 for t in times],
-                     "threads": results[0]["threads"]})
-        print(f"  split {preset} openblas {blas} numba {nb}: {rows[-1]['median_ms']:.1f} ms", file=sys.stderr)
+                     "round_medians_ms": [res["median_s"] * 1e3 for res in results],
+                     "version": results[0]["version"], "threads": results[0]["threads"]})
+        print(f"  split {preset} {backend_name} openblas {blas} numba {nb} timeout {to}: "
+              f"{rows[-1]['median_ms']:.1f} ms", file=sys.stderr)
     base = rows[0]["median_ms"]
     for row in rows:
         row["vs_first"] = row["median_ms"] / base
@@ -309,11 +328,13 @@ def thread_split(preset, batch_size, warmup, repeats, threads, rounds) -> list[d
 
 
 def split_table(rows: list[dict], cpu: str) -> str:
-    lines = [f"| preset | B | OpenBLAS threads | Numba threads | median step ms ({cpu}) | vs first row |",
-             "|" + "---|" * 6]
+    lines = [f"| preset | B | backend | OpenBLAS threads | Numba threads | OPENBLAS_THREAD_TIMEOUT "
+             f"| median step ms ({cpu}) | per-round medians | vs first row |", "|" + "---|" * 9]
     for r in rows:
-        lines.append(f"| {r['preset']} | {r['B']} | {r['blas_threads']} | {r['numba_threads']} "
-                     f"| {r['median_ms']:.1f} | {r['vs_first']:.2f}x |")
+        rounds = ", ".join(f"{m:.0f}" for m in r.get("round_medians_ms", []))
+        lines.append(f"| {r['preset']} | {r['B']} | {r.get('backend', 'numba')} | {r['blas_threads']} "
+                     f"| {r['numba_threads'] or ''} | {r.get('blas_timeout') or ''} | {r['median_ms']:.1f} "
+                     f"| {rounds} | {r['vs_first']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -376,6 +397,10 @@ def main(argv=None) -> None:
     ap.add_argument("--no-cold", dest="cold", action="store_false", help="skip the cold-start part")
     ap.add_argument("--split", action="store_true",
                     help="numba only: every (OpenBLAS, Numba) thread pair from --threads")
+    ap.add_argument("--blas-timeouts", type=int, nargs="+", default=None,
+                    help="with --split: each pair at each OPENBLAS_THREAD_TIMEOUT (log2 cycles; "
+                         "28 is OpenBLAS's default, 20 what minillm sets)")
+    ap.add_argument("--with-torch", action="store_true", help="with --split: torch at each thread count too")
     ap.add_argument("--out", type=Path, default=None,
                     help=f"results file (default {RESULTS.name}, or bench_train_split.json with --split)")
     ap.add_argument("--worker", choices=BACKENDS, help=argparse.SUPPRESS)
@@ -440,7 +465,8 @@ def split_main(args) -> None:
     rows = []
     for preset in args.presets:
         B = args.wide_batch_size if preset == "wide" else args.batch_size
-        rows += thread_split(preset, B, args.warmup, args.repeats, args.threads, args.rounds)
+        rows += thread_split(preset, B, args.warmup, args.repeats, args.threads, args.rounds,
+                             tuple(args.blas_timeouts or (None,)), args.with_torch)
     load_end = os.getloadavg()
     text = (split_table(rows, cpu) + f"\n\nload average {load_start[0]:.2f} at the start, {load_end[0]:.2f} "
             f"at the end (1-minute; {os.cpu_count()} CPUs, shared machine)")

@@ -4,12 +4,21 @@
 
 Prints the top functions by cumulative and by own time, then the time per
 kernel group (what dominates a step).
+
+``--wall``: instead of cProfile, the wall-clock time of every kernel call
+(each ``@kernel`` entry point, twin or reference), per step: right on several
+threads too, where cProfile sees only the main thread (the attention's head
+slabs run on a second one) and its overhead shifts the balance.
+
+    OPENBLAS_NUM_THREADS=2 NUMBA_NUM_THREADS=2 python bench/profile_step.py --backend numba --wall
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
 import pstats
+import sys
+import time
 
 import minillm as mm  # first: it sets OpenBLAS's thread timeout before NumPy loads OpenBLAS
 import numpy as np
@@ -40,6 +49,7 @@ def main(argv=None):
     ap.add_argument("--backend", default="numpy")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--wall", action="store_true", help="wall time per kernel instead of cProfile")
     args = ap.parse_args(argv)
     backend.use(args.backend)
     cfg = mm.GPTConfig.preset(args.preset)
@@ -53,6 +63,9 @@ def main(argv=None):
           f"T={cfg.block_size} optimizer={'AdamW' if has_opt else 'none'}: "
           f"{wall * 1e3:.1f} ms/step (median of {args.steps})")
     print(timing.machine_line())
+    if args.wall:
+        print(wall_table(step, args.steps))
+        return
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(args.steps):
@@ -85,6 +98,54 @@ def group_table(stats, steps: int) -> str:
     lines = ["| group | ms per step | share |", "|---|---|---|"]
     for g, t in sorted(totals.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {g} | {t / steps * 1e3:.1f} | {t / all_s:.0%} |")
+    return "\n".join(lines)
+
+
+def wall_table(step, steps: int) -> str:
+    """Run ``steps`` steps with every kernel entry point timed -> ms per step per kernel.
+
+    Patches each minillm module attribute that is a dispatching kernel (it has
+    ``kernel_name``) with a timing wrapper for the duration, then restores it.
+    A kernel called inside another counts as the outer one's time; the rest of
+    the step (Python, copies, NumPy glue) is the last row.
+    """
+    spent: dict = {}
+    depth: list = []          # the kernel being timed (outermost only: no double counting)
+    patched = []
+    for name, module in list(sys.modules.items()):
+        if not (name == "minillm" or name.startswith("minillm.")):
+            continue
+        for attr, fn in list(vars(module).items()):
+            kname = getattr(fn, "kernel_name", None)
+            if kname is None:
+                continue
+
+            def timed(*a, _fn=fn, _k=kname, **kw):
+                if depth:                                   # inside another kernel: its time
+                    return _fn(*a, **kw)
+                depth.append(_k)
+                t = time.perf_counter()
+                try:
+                    return _fn(*a, **kw)
+                finally:
+                    spent[_k] = spent.get(_k, 0.0) + time.perf_counter() - t
+                    depth.pop()
+            patched.append((module, attr, fn))
+            setattr(module, attr, timed)
+    try:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        total = time.perf_counter() - t0
+    finally:
+        for module, attr, fn in patched:
+            setattr(module, attr, fn)
+    lines = ["| kernel | ms per step | share |", "|---|---|---|"]
+    for k, t in sorted(spent.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {k} | {t / steps * 1e3:.1f} | {t / total:.0%} |")
+    rest = total - sum(spent.values())
+    lines.append(f"| (the rest: Python, copies, glue) | {rest / steps * 1e3:.1f} | {rest / total:.0%} |")
+    lines.append(f"| **step** | {total / steps * 1e3:.1f} | 100% |")
     return "\n".join(lines)
 
 
