@@ -2,8 +2,8 @@
 
 FlashAttention (Dao et al. 2022) on a CPU: the (T, S) score matrix of a head
 is never built; queries go in blocks of ``TILE`` rows, keys in tiles of
-``TILE`` columns, and only one (TILE, TILE) tile of scores per head exists at
-any time. The forward keeps, per query, the running max ``m``, the running sum
+``_key_tile(D)`` columns (64-256), and only one such tile of scores per head
+exists at any time. The forward keeps, per query, the running max ``m``, the running sum
 ``l`` of exp(score - m) and the running output; a tile that raises the max
 rescales them by exp(m_old - m_new) (the online softmax). The backward
 recomputes each tile of probabilities from the saved log-sum-exp instead of
@@ -38,7 +38,7 @@ the parallel pipeline) against 1.1 s for this file, the first
 ``minillm train`` of every new user, and it needed SciPy.
 
 Arithmetic runs in the input dtype (float32 or float64; half precision runs
-the reference); a tile's row sums (at most ``TILE`` terms) accumulate in the
+the reference); a tile's row sums (at most ``KEY_TILE_MAX`` terms) accumulate in the
 input dtype, the delta row dots in float64.
 """
 from __future__ import annotations
@@ -58,6 +58,20 @@ from backends.numba_threads import edges, run_blocks, threads
 # causal upper triangle (T=256: 10 of 16 tiles computed instead of 3 of 4) and a
 # (64, 64) float32 tile per head (16 KiB) stays in L1/L2; 32 was no better than 64.
 TILE = 64
+# Key tiles as wide as keeps one head's tile product q k^T (TILE x keys x D
+# multiply-adds) at OpenBLAS's single-thread limit, 2^18: above it OpenBLAS
+# threads the product itself and wakes its workers, who then compete with the
+# head split. D=32 -> 128 keys: fewer, larger calls (fewer GIL hand-offs between
+# the split's threads). Measured (AMD EPYC, (8, 8, 256, 32), each call right after
+# a 2-thread product; fwd / bwd ms): 64 keys 11.6 / 22.0 on one thread, 7.25 /
+# 13.6 split; 128 keys 10.8 / 20.2, 6.36 / 11.6; 256 keys 10.2 / 20.3 on one but
+# 21.0 / 23.3 split (products now threaded by OpenBLAS).
+KEY_TILE_MAX = 256
+
+
+def _key_tile(D: int) -> int:
+    """Key tile width for head size D: TILE * width * D <= 2^18, between TILE and KEY_TILE_MAX."""
+    return max(TILE, min(KEY_TILE_MAX, (1 << 18) // (TILE * D)))
 
 _jit = njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
 _jit_sum = njit(cache=True, nogil=True, fastmath={"reassoc"}, error_model="numpy")
@@ -71,9 +85,10 @@ class FlashCache(NamedTuple):
     lse: np.ndarray        # (B, H, T)
 
 
-def _tiles(n):
-    """[(start, stop), ...] covering range(n) in steps of TILE."""
-    return [(a, min(a + TILE, n)) for a in range(0, n, TILE)]
+def _tiles(n, size=None):
+    """[(start, stop), ...] covering range(n) in steps of ``size`` (default TILE)."""
+    size = size or TILE
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
 
 
 # --- forward ---------------------------------------------------------------------------------
@@ -96,7 +111,7 @@ def _fwd_probs(s, m, l, alpha, scale, first, zero):
                 if s[r, t, j] > mx:
                     mx = s[r, t, j]
             a = vexp(m[r, t] - mx)                    # m_old = -inf on the first tile: 0
-            total = zero                              # this tile's <= TILE terms: input dtype
+            total = zero                              # <= KEY_TILE_MAX terms: input dtype
             for j in range(n):
                 p = vexp(s[r, t, j] - mx)
                 s[r, t, j] = p
@@ -196,7 +211,7 @@ def _forward_heads(q, k, v, y, lse):
         l = np.zeros((R, bt), dtype=dt)                                  # running sum
         alpha = np.empty((R, bt), dtype=dt)
         acc = np.zeros((R, bt, D), dtype=dt)                             # running output
-        for s0, s1 in _tiles(off + t1):                                  # tiles some query sees
+        for s0, s1 in _tiles(off + t1, _key_tile(D)):                    # tiles some query sees
             s = np.matmul(q[:, :, t0:t1], kT[..., s0:s1])                # (B, H, bt, bs) one tile
             _fwd_probs(s.reshape(R, bt, s1 - s0), m, l, alpha, scale,
                        _first(t0, s0, off), dt.type(0))                  # p, unnormalised
@@ -276,7 +291,7 @@ def _backward_heads(dy, q, k, v, y, lse, dq, dk, dv):
         g = dy[:, :, t0:t1]                                              # (B, H, bt, D)
         lse_b = np.ascontiguousarray(lse3[:, t0:t1])
         delta_b = np.ascontiguousarray(delta[:, t0:t1])
-        for s0, s1 in _tiles(off + t1):
+        for s0, s1 in _tiles(off + t1, _key_tile(D)):
             bs = s1 - s0
             p = np.matmul(q[:, :, t0:t1], kT[..., s0:s1])                # (B, H, bt, bs)
             _bwd_probs(p.reshape(R, bt, bs), lse_b, scale, _first(t0, s0, off))

@@ -61,11 +61,15 @@ def test_reference_backward_against_central_differences(tile, monkeypatch):
 
 @pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed")
 @given(seed=st.integers(0, 2**16), shape=shapes, tile=st.sampled_from([4, 7, 16]),
-       dtype=st.sampled_from(["float32", "float64"]))
+       keys=st.sampled_from(["same", "ragged", "wide"]), dtype=st.sampled_from(["float32", "float64"]))
 @SETTINGS
-def test_numba_twin_equals_reference(seed, shape, tile, dtype):
+def test_numba_twin_equals_reference(seed, shape, tile, keys, dtype):
+    """Query blocks and key tiles cross T and S; key tiles as wide as the query block,
+    wider by a ragged amount, or all keys at once."""
     from backends import numba_attention as na
-    with tile_set(na, "TILE", tile), tile_set(attn, "FLASH_TILE", tile):   # T, S cross tiles
+    key_max = {"same": tile, "ragged": 2 * tile + 1, "wide": 256}[keys]
+    with tile_set(na, "TILE", tile), tile_set(na, "KEY_TILE_MAX", key_max), \
+            tile_set(attn, "FLASH_TILE", tile):
         check_twin_equals_reference(na, seed, shape, dtype)
 
 
@@ -84,10 +88,12 @@ def check_twin_equals_reference(na, seed, shape, dtype):
 
 @pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed")
 def test_numba_twin_at_the_real_tile_with_a_ragged_end():
-    """The shipped tile (no monkeypatching): T = 2 tiles + 3, and T < S."""
+    """The shipped tiles (no monkeypatching): T = 2 tiles + 3, and T < S; with D = 32 the
+    key tiles are wider than the query blocks (``_key_tile``), T = 2 of them + 3."""
     from backends import numba_attention as na
-    for T, extra in ((2 * na.TILE + 3, 0), (na.TILE + 1, 5)):
-        q, k, v = qkv(3, 1, 2, T, extra, 4, dtype="float32")
+    assert na._key_tile(32) > na.TILE
+    for T, extra, D in ((2 * na.TILE + 3, 0, 4), (na.TILE + 1, 5, 4), (2 * na._key_tile(32) + 3, 7, 32)):
+        q, k, v = qkv(3, 1, 2, T, extra, D, dtype="float32")
         y, ref = attn.flash_forward(q, k, v)
         y2, twin = na.flash_forward(q, k, v)
         assert_close("y", y2, y, "float32")
