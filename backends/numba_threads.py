@@ -19,6 +19,13 @@ timeout makes the workers sleep between back-to-back products; 2^20 (~0.3 ms)
 keeps them awake through a layer's run of products. The minillm package sets 20
 before NumPy loads OpenBLAS (it reads the variable once, at load), unless the
 user exported a value.
+
+Inside a ``small`` training step (bench/bench_train.py --split, README) the
+short timeout itself saved ~10% at 2 threads (572 -> 513 ms, every round
+faster), with or without the head split. The split helps the attention's
+forward every time (40 -> 21-27 ms per step) but its backward is bimodal
+between processes (73-77 or 121-174 ms, 105-111 on one thread): likely the
+two threads trading the GIL between the backward's many short NumPy calls.
 """
 from __future__ import annotations
 

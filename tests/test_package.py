@@ -88,6 +88,7 @@ def test_import_sets_openblas_thread_timeout_only_before_numpy(code, exported, e
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
     if exported is not None:
         env["OPENBLAS_THREAD_TIMEOUT"] = exported
-    out = subprocess.run([sys.executable, "-c", f"{code}; import os; print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"],
-                         env=env, capture_output=True, text=True, check=True, cwd=PKG.parent)
+    code += "; import os; print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, cwd=PKG.parent)
     assert out.stdout.strip() == str(expect)
