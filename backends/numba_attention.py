@@ -85,6 +85,20 @@ class FlashCache(NamedTuple):
     lse: np.ndarray        # (B, H, T)
 
 
+def _scratch(*shape_max, dtype):
+    """A flat buffer for the largest tile of one role; ``_view`` cuts any smaller tile from it."""
+    return np.empty(math.prod(shape_max), dtype=dtype)
+
+
+def _view(flat, *shape):
+    """The first prod(shape) items of ``flat`` as a C-contiguous array of ``shape`` (a view).
+
+    The tile loops write every product into such views (``np.matmul(..., out=)``)
+    instead of a new array per tile: five fewer allocations per tile pair on the
+    threads that run the slabs."""
+    return flat[:math.prod(shape)].reshape(shape)
+
+
 def _tiles(n, size=None):
     """[(start, stop), ...] covering range(n) in steps of ``size`` (default TILE)."""
     size = size or TILE
@@ -205,18 +219,21 @@ def _forward_heads(q, k, v, y, lse):
     off, R, dt = S - T, B * H, q.dtype
     scale = dt.type(1.0 / math.sqrt(D))
     kT = k.transpose(0, 1, 3, 2)                                         # (B, H, D, S) view
+    kt = _key_tile(D)
+    s_buf, pv_buf = _scratch(B, H, TILE, kt, dtype=dt), _scratch(B, H, TILE, D, dtype=dt)
     for t0, t1 in _tiles(T):
         bt = t1 - t0
         m = np.full((R, bt), -np.inf, dtype=dt)                          # running max
         l = np.zeros((R, bt), dtype=dt)                                  # running sum
         alpha = np.empty((R, bt), dtype=dt)
         acc = np.zeros((R, bt, D), dtype=dt)                             # running output
-        for s0, s1 in _tiles(off + t1, _key_tile(D)):                    # tiles some query sees
-            s = np.matmul(q[:, :, t0:t1], kT[..., s0:s1])                # (B, H, bt, bs) one tile
+        for s0, s1 in _tiles(off + t1, kt):                              # tiles some query sees
+            s = np.matmul(q[:, :, t0:t1], kT[..., s0:s1],
+                          out=_view(s_buf, B, H, bt, s1 - s0))           # (B, H, bt, bs) one tile
             _fwd_probs(s.reshape(R, bt, s1 - s0), m, l, alpha, scale,
                        _first(t0, s0, off), dt.type(0))                  # p, unnormalised
-            pv = np.matmul(s, v[:, :, s0:s1]).reshape(R, bt, D)          # (R, bt, D)
-            _fwd_accumulate(pv, acc, alpha)
+            pv = np.matmul(s, v[:, :, s0:s1], out=_view(pv_buf, B, H, bt, D))
+            _fwd_accumulate(pv.reshape(R, bt, D), acc, alpha)
         yb = np.empty((R, bt, D), dtype=dt)
         lb = np.empty((R, bt), dtype=dt)
         _fwd_finish(acc, l, m, yb, lb)
@@ -269,9 +286,12 @@ def flash_backward(dy, cache):
     B, H, T, D = q.shape
     S = k.shape[2]
     dy = np.ascontiguousarray(dy, dtype=q.dtype)                         # (B, H, T, D)
-    dq = np.zeros((B, H, T, D), dtype=q.dtype)
-    dk = np.zeros((B, H, S, D), dtype=q.dtype)
-    dv = np.zeros((B, H, S, D), dtype=q.dtype)
+    dq, dk, dv = (np.empty((B, H, n, D), dtype=q.dtype) for n in (T, S, S))
+    for a in (dq, dk, dv):
+        a.fill(0)    # touched here, on one thread: np.zeros' fresh pages, first written by both
+                     # slabs' threads at once, made a `small` layer's backward 3-4x slower in both
+                     # (page faults on one address space; 25-37 instead of 8-10 ms per slab,
+                     # in some processes and not others)
     _run_slabs(_backward_heads, q, k, dy, q, k, v, y, lse, dq, dk, dv)
     return dq, dk, dv
 
@@ -286,20 +306,24 @@ def _backward_heads(dy, q, k, v, y, lse, dq, dk, dv):
     _row_dot(np.ascontiguousarray(dy).reshape(R, T, D), np.ascontiguousarray(y).reshape(R, T, D), delta)
     lse3 = np.ascontiguousarray(lse).reshape(R, T)
     kT, vT = k.transpose(0, 1, 3, 2), v.transpose(0, 1, 3, 2)           # (B, H, D, S) views
+    kt = _key_tile(D)
+    p_buf, ds_buf = _scratch(B, H, TILE, kt, dtype=dt), _scratch(B, H, TILE, kt, dtype=dt)
+    dq_buf, dk_buf, dv_buf = (_scratch(B, H, n, D, dtype=dt) for n in (TILE, kt, kt))
     for t0, t1 in _tiles(T):
         bt = t1 - t0
         g = dy[:, :, t0:t1]                                              # (B, H, bt, D)
         lse_b = np.ascontiguousarray(lse3[:, t0:t1])
         delta_b = np.ascontiguousarray(delta[:, t0:t1])
-        for s0, s1 in _tiles(off + t1, _key_tile(D)):
+        for s0, s1 in _tiles(off + t1, kt):
             bs = s1 - s0
-            p = np.matmul(q[:, :, t0:t1], kT[..., s0:s1])                # (B, H, bt, bs)
+            p = np.matmul(q[:, :, t0:t1], kT[..., s0:s1], out=_view(p_buf, B, H, bt, bs))
             _bwd_probs(p.reshape(R, bt, bs), lse_b, scale, _first(t0, s0, off))
-            dv[:, :, s0:s1] += np.matmul(p.transpose(0, 1, 3, 2), g)
-            ds = np.matmul(g, vT[..., s0:s1])                            # dp, then ds in place
+            dv[:, :, s0:s1] += np.matmul(p.transpose(0, 1, 3, 2), g, out=_view(dv_buf, B, H, bs, D))
+            ds = np.matmul(g, vT[..., s0:s1], out=_view(ds_buf, B, H, bt, bs))  # dp, then ds in place
             _bwd_ds(p.reshape(R, bt, bs), ds.reshape(R, bt, bs), delta_b, scale)
-            dq[:, :, t0:t1] += np.matmul(ds, k[:, :, s0:s1])
-            dk[:, :, s0:s1] += np.matmul(ds.transpose(0, 1, 3, 2), q[:, :, t0:t1])
+            dq[:, :, t0:t1] += np.matmul(ds, k[:, :, s0:s1], out=_view(dq_buf, B, H, bt, D))
+            dk[:, :, s0:s1] += np.matmul(ds.transpose(0, 1, 3, 2), q[:, :, t0:t1],
+                                         out=_view(dk_buf, B, H, bs, D))
 
 
 KERNELS = {
