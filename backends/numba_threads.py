@@ -20,12 +20,11 @@ keeps them awake through a layer's run of products. The minillm package sets 20
 before NumPy loads OpenBLAS (it reads the variable once, at load), unless the
 user exported a value.
 
-Inside a ``small`` training step (bench/bench_train.py --split, README) the
-short timeout itself saved ~10% at 2 threads (572 -> 513 ms, every round
-faster), with or without the head split. The split helps the attention's
-forward every time (40 -> 21-27 ms per step) but its backward is bimodal
-between processes (73-77 or 121-174 ms, 105-111 on one thread): likely the
-two threads trading the GIL between the backward's many short NumPy calls.
+Inside a ``small`` training step at 2 threads (bench/bench_train.py --split,
+README): the short timeout with the split took 576 -> 539 ms; the split alone
+(timeout 20) 564 -> 551 ms, and 891 -> 840 with OpenBLAS on one thread. That
+needed one more fix: memory the threads write first must not be fresh pages
+(``numba_attention.flash_backward`` zeroes its gradients on the calling thread).
 """
 from __future__ import annotations
 
@@ -78,7 +77,9 @@ def run_blocks(fn, blocks: list) -> None:
     if len(blocks) == 1:
         fn(*blocks[0])
         return
-    jobs = [pool(len(blocks)).submit(fn, a, b) for a, b in blocks[1:]]
-    fn(*blocks[0])                                           # the caller takes the first block
-    for job in jobs:
-        job.result()                                         # re-raises a worker's error
+    jobs = [pool(len(blocks) - 1).submit(fn, a, b) for a, b in blocks[1:]]
+    try:
+        fn(*blocks[0])                                       # the caller takes the first block
+    finally:
+        for job in jobs:                                     # waited for even if that failed:
+            job.result()                                     # no block still writes after we return

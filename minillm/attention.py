@@ -179,8 +179,8 @@ def split_qkv(qkv, n_head: int):
 def merge_qkv(dq, dk, dv):
     """3 x (B, H, T, D) -> (B, T, 3C): the reverse of ``split_qkv`` (for dqkv).
 
-    One copy of each into its place (a concatenation of ``merge_heads`` would copy
-    each twice: ~15 -> ~8 ms per ``small`` step).
+    One copy of each into its place (concatenating three ``merge_heads`` copies
+    would copy every gradient twice).
     """
     B, H, T, D = dq.shape
     out = xp_of(dq).empty((B, T, 3, H, D), dtype=dq.dtype)              # (B, T, 3C) once reshaped

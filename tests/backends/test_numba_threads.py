@@ -2,6 +2,8 @@
 
 (That a split changes no bit of the attention twin: tests/backends/test_kernels.py.)
 """
+import time
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -45,3 +47,16 @@ def test_run_blocks_reraises_a_workers_error():
             raise ValueError(f"block {a}:{b}")
     with pytest.raises(ValueError, match="block"):
         numba_threads.run_blocks(fn, [(0, 5), (5, 10)])
+
+
+def test_run_blocks_waits_for_the_workers_when_the_callers_block_fails():
+    done = []
+
+    def fn(a, b):
+        if a == 0:
+            raise RuntimeError("caller's block")
+        time.sleep(0.05)
+        done.append((a, b))
+    with pytest.raises(RuntimeError, match="caller"):
+        numba_threads.run_blocks(fn, [(0, 5), (5, 10)])
+    assert done == [(5, 10)]                  # finished before run_blocks returned
