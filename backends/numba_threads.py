@@ -14,7 +14,7 @@ second thread needs. Measured (issue 15, AMD EPYC, 2 cores; a ``small`` layer's
 attention, each call right after a 2-thread (2048, 256) @ (256, 1024) product):
 forward split over 2 threads 21.4 ms against 21.6 on one at the default
 timeout; 7.9-8.2 ms at 2^4, 2^16 or 2^20, 12.1 at 2^24, 15.0 at 2^28 (fwd alone,
-1-thread 14.6). The product itself took 4.9-5.0 ms at every setting. A short
+1-thread 14.6). The product itself took 4.8-5.3 ms at every setting. A short
 timeout makes the workers sleep between back-to-back products; 2^20 (~0.3 ms)
 keeps them awake through a layer's run of products. The minillm package sets 20
 before NumPy loads OpenBLAS (it reads the variable once, at load), unless the
