@@ -194,11 +194,11 @@ def _part(a, axis, start, stop):
     return a[start:stop] if axis == 0 else a[:, start:stop]
 
 
-def _run_slabs(fn, q, k, *arrays):
+def _run_slabs(fn, S, *arrays):
     """fn(*slab views of ``arrays``) for every slab of heads (``numba_threads.run_blocks``);
-    q (B, H, T, D) and k (B, H, S, D) give the sizes."""
-    B, H, T, D = q.shape
-    slabs = _slabs(B, H, B * H * T * k.shape[2] * D)
+    ``arrays[0]`` is (B, H, T, D) and S the key count: together, the work per product."""
+    B, H, T, D = arrays[0].shape
+    slabs = _slabs(B, H, B * H * T * S * D)
     axis = slabs[0][0]
     run_blocks(lambda a, b: fn(*(_part(x, axis, a, b) for x in arrays)), [sl[1:] for sl in slabs])
 
@@ -208,7 +208,7 @@ def flash_forward(q, k, v):
     B, H, T, D = q.shape
     y = np.empty((B, H, T, D), dtype=q.dtype)
     lse = np.empty((B, H, T), dtype=q.dtype)
-    _run_slabs(_forward_heads, q, k, q, k, v, y, lse)
+    _run_slabs(_forward_heads, k.shape[2], q, k, v, y, lse)
     return y, FlashCache(q, k, v, y, lse)
 
 
@@ -292,7 +292,7 @@ def flash_backward(dy, cache):
                      # slabs' threads at once, made a `small` layer's backward 3-4x slower in both
                      # (page faults on one address space; 25-37 instead of 8-10 ms per slab,
                      # in some processes and not others)
-    _run_slabs(_backward_heads, q, k, dy, q, k, v, y, lse, dq, dk, dv)
+    _run_slabs(_backward_heads, S, dy, q, k, v, y, lse, dq, dk, dv)
     return dq, dk, dv
 
 
